@@ -1,0 +1,126 @@
+"""Wan 2.1 DiT architecture: the config dataclass and the official presets."""
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "te")
+
+
+@dataclass
+class WanConfig:
+    """Architecture of a Wan 2.1 DiT plus the runtime choices that do not change its weights.
+
+    Values of the presets are those of the official Wan2.1 configs (and diffusers' ports of them).
+    """
+
+    model_type: str = "t2v"  # "t2v" or "i2v"
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256
+    text_dim: int = 4096
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple = (1, 2, 2)
+    eps: float = 1e-6
+    qk_norm: bool = True  # RMSNorm on q and k across all heads
+    cross_attn_norm: bool = True
+    image_dim: int | None = None  # CLIP ViT-H/14 penultimate width (1280) for I2V
+    rope_max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    # runtime (weights do not depend on these)
+    attention_backend: str = "auto"
+    layer_provider: str = "auto"  # "local" (megatron-core linears), "te" (Transformer Engine), "auto"
+    recompute: bool = False  # activation checkpointing per block
+    params_dtype: torch.dtype = torch.float32
+    perform_initialization: bool = True
+    init_std: float = 0.02
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.patch_size = tuple(self.patch_size)
+        if self.model_type not in ("t2v", "i2v"):
+            raise ValueError(f"WanConfig.model_type: expected 't2v' or 'i2v', found {self.model_type!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"WanConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if (self.model_type == "i2v") != (self.image_dim is not None):
+            raise ValueError(
+                f"WanConfig.image_dim: i2v needs the CLIP width (1280 for Wan2.1) and t2v none; "
+                f"found model_type={self.model_type!r}, image_dim={self.image_dim!r}"
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"WanConfig.attention_backend: expected one of {ATTENTION_BACKENDS}, found {self.attention_backend!r}"
+            )
+        if len(self.patch_size) != 3:
+            raise ValueError(f"WanConfig.patch_size: expected 3 values (t, h, w), found {self.patch_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def is_i2v(self) -> bool:
+        return self.model_type == "i2v"
+
+    def replace(self, **overrides) -> "WanConfig":
+        """A copy with `overrides`; an unknown name is an error listing the known ones."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown WanConfig field(s) {unknown}; known: {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+    def transformer_config(self, tensor_parallel: int, context_parallel: int):
+        """The megatron-core TransformerConfig the parallel layers are built with."""
+        from megatron.core.transformer import TransformerConfig
+
+        return TransformerConfig(
+            num_layers=self.num_layers,
+            hidden_size=self.dim,
+            ffn_hidden_size=self.ffn_dim,
+            num_attention_heads=self.num_heads,
+            kv_channels=self.head_dim,
+            layernorm_epsilon=self.eps,
+            tensor_model_parallel_size=tensor_parallel,
+            context_parallel_size=context_parallel,
+            activation_func=functools.partial(F.gelu, approximate="tanh"),
+            add_bias_linear=True,
+            gated_linear_unit=False,
+            bias_activation_fusion=False,
+            gradient_accumulation_fusion=False,
+            use_cpu_initialization=not torch.cuda.is_available(),
+            perform_initialization=self.perform_initialization,
+            init_method_std=self.init_std,
+            params_dtype=self.params_dtype,
+            bf16=self.params_dtype == torch.bfloat16,
+            fp16=self.params_dtype == torch.float16,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        )
+
+
+_14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+
+PRESETS: dict[str, dict] = {
+    "wan2.1-t2v-1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "wan2.1-t2v-14b": dict(_14B),
+    "wan2.1-i2v-14b-720p": dict(_14B, model_type="i2v", in_dim=36, image_dim=1280),
+    "wan2.1-i2v-14b-480p": dict(_14B, model_type="i2v", in_dim=36, image_dim=1280),
+    # tiny random configs for tests and the CPU demo (head_dim 16: RoPE split 6/4/... like the real ones)
+    "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32),
+    "tiny-i2v": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32,
+                     model_type="i2v", in_dim=36, image_dim=48),
+}
+
+
+def preset(name: str, **overrides) -> WanConfig:
+    """The named preset, with field overrides; an unknown name lists the known ones."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown Wan preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return WanConfig().replace(**PRESETS[name]).replace(**overrides)

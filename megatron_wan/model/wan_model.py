@@ -1,0 +1,120 @@
+"""WanModel: the Wan 2.1 DiT (T2V and I2V) built from megatron-core parts.
+
+Public forward takes and returns diffusers' layout [B, C, F, H, W]; inside, tokens are
+sequence-first [s, b, dim] as in Megatron.
+"""
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_wan import parallel
+from megatron_wan.model.embeddings import Head, ImageEmbedding, TimeEmbedding, TwoLayerMLP
+from megatron_wan.model.rope import rope_cos_sin
+from megatron_wan.model.specs import block_spec
+from megatron_wan.model.wan_config import WanConfig
+
+
+class WanModel(MegatronModule):
+    """Wan 2.1 DiT with tensor-parallel blocks; `model(x, timestep, text_emb, clip_emb=None)`."""
+
+    def __init__(self, config: WanConfig):
+        if not parallel.is_initialized():
+            parallel.initialize()
+        tconfig = config.transformer_config(parallel.tp_size(), parallel.cp_size())
+        super().__init__(tconfig)
+        self.wan = config
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.time = TimeEmbedding(config.freq_dim, dim)
+        self.text_embedding = TwoLayerMLP(config.text_dim, dim, dim, partial(F.gelu, approximate="tanh"))
+        self.image_embedding = ImageEmbedding(config.image_dim, dim) if config.is_i2v else None
+        spec = block_spec(config.layer_provider)
+        self.blocks = nn.ModuleList(build_module(spec, config=tconfig, wan=config) for _ in range(config.num_layers))
+        self.head = Head(dim, config.out_dim * math.prod(config.patch_size), config.eps)
+        if tconfig.params_dtype != torch.float32:
+            self.to(tconfig.params_dtype)
+
+    # -- pieces of the forward, shared with the context-parallel training path --------------------
+
+    def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[B, C_in, F, H, W] -> tokens [s, B, dim] (frame-major) and the latent grid (f, h, w)."""
+        cfg = self.wan
+        if x.ndim != 5 or x.shape[1] != cfg.in_dim:
+            raise ValueError(f"WanModel input: expected [B, {cfg.in_dim}, F, H, W], found {list(x.shape)}")
+        bad = [(n, p) for n, p in zip(x.shape[2:], cfg.patch_size) if n % p]
+        if bad:
+            raise ValueError(
+                f"WanModel input: latent size {list(x.shape[2:])} is not divisible by patch {cfg.patch_size}"
+            )
+        tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
+        grid = tuple(tokens.shape[2:])
+        return tokens.flatten(2).permute(2, 0, 1).contiguous(), grid
+
+    def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Head output [s, B, p_t*p_h*p_w*C_out] -> [B, C_out, F, H, W]."""
+        (f, h, w), (pt, ph, pw) = grid, self.wan.patch_size
+        x = tokens.transpose(0, 1).reshape(-1, f, h, w, pt, ph, pw, self.wan.out_dim)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(-1, self.wan.out_dim, f * pt, h * ph, w * pw)
+
+    def conditions(self, timestep, text_emb, clip_emb=None):
+        """Embeddings shared by every token: (temb, t_mod, text context [L, B, dim], image context or None)."""
+        cfg = self.wan
+        if text_emb.ndim != 3 or text_emb.shape[-1] != cfg.text_dim:
+            raise ValueError(f"WanModel text_emb: expected [B, L, {cfg.text_dim}], found {list(text_emb.shape)}")
+        if cfg.is_i2v and (clip_emb is None or clip_emb.shape[-1] != cfg.image_dim):
+            found = None if clip_emb is None else list(clip_emb.shape)
+            raise ValueError(f"WanModel clip_emb: I2V expects [B, 257, {cfg.image_dim}], found {found}")
+        if not cfg.is_i2v and clip_emb is not None:
+            raise ValueError("WanModel clip_emb: this is a T2V model; it takes no CLIP image tokens")
+        dtype = self.text_embedding.linear_1.weight.dtype
+        temb, t_mod = self.time(timestep)
+        context = self.text_embedding(text_emb.to(dtype)).transpose(0, 1)
+        image = self.image_embedding(clip_emb.to(dtype)).transpose(0, 1) if cfg.is_i2v else None
+        return temb, t_mod, context, image
+
+    def run_blocks(self, tokens, context, image, t_mod, rope):
+        """Tokens [s, B, dim] through every block (activation checkpointing per block when configured)."""
+        for block in self.blocks:
+            if self.wan.recompute and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, context, image, t_mod, rope, use_reentrant=False)
+            else:
+                tokens = block(tokens, context, image, t_mod, rope)
+        return tokens
+
+    def forward(self, x, timestep, text_emb, clip_emb=None):
+        """x [B, C_in, F, H, W] (I2V: conditioning channels already concatenated), timestep [B],
+        text_emb [B, L, text_dim] (used at the length given), clip_emb [B, 257, image_dim] -> [B, C_out, F, H, W]."""
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(x.shape[0])
+        tokens, grid = self.patchify(x)
+        temb, t_mod, context, image = self.conditions(timestep, text_emb, clip_emb)
+        rope = rope_cos_sin(grid, self.wan.head_dim, self.wan.rope_theta, device=x.device)
+        tokens = self.run_blocks(tokens, context, image, t_mod, rope)
+        return self.unpatchify(self.head(tokens, temb), grid)
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_diffusers(cls, source, **overrides) -> "WanModel":
+        """Build from a diffusers WanTransformer3DModel, its state dict, or its `transformer/` folder.
+
+        The config comes from the model's (or folder's) config; a bare state dict infers it from the
+        weight shapes (pass `num_heads=` when the head dim is not Wan's 128). Each TP rank reads only
+        its slice of the split weights.
+        """
+        from megatron_wan.model import convert
+
+        return convert.load(cls, source, "diffusers", overrides)
+
+    @classmethod
+    def from_original(cls, source, **overrides) -> "WanModel":
+        """Build from an original Wan-AI checkpoint (folder with config.json, or a state dict)."""
+        from megatron_wan.model import convert
+
+        return convert.load(cls, source, "original", overrides)

@@ -1,0 +1,35 @@
+"""megatron_wan: Reg-DPO training of Wan 2.1 video diffusion models on Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_wan",
+    version="0.1.0",
+    description="Reg-DPO / DPO / SFT training of Wan 2.1 (T2V, I2V) on Megatron-Core with context parallelism",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_wan*", "data_tools*", "launch*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        # megatron-core 0.17+ needs Python 3.12; on 3.11 the newest is 0.16.x.
+        "megatron-core>=0.16.1,<0.17; python_version<'3.12'",
+        "megatron-core>=0.16.1; python_version>='3.12'",
+        "deepspeed>=0.16",
+        "diffusers>=0.33",
+        "transformers>=4.46",
+        "peft>=0.14",
+        "decord>=0.6",
+        "av>=12",
+        "einops>=0.8",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "tensorboard>=2.16",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "scikit-video>=1.1.11", "ruff>=0.6"],
+    },
+)
