@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_PIN)
-	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[dev]' --config-settings editable_mode=compat
 	touch $@
 
 test: install

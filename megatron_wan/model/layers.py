@@ -38,13 +38,14 @@ class WanBlockSubmodules:
 
 def _column(spec, config, in_size, out_size):
     return build_module(spec, in_size, out_size, config=config, init_method=config.init_method, bias=True,
-                        gather_output=False, skip_bias_add=False, is_expert=False, tp_comm_buffer_name=None)
+                        gather_output=False, skip_bias_add=False, is_expert=False, tp_comm_buffer_name=None,
+                        tp_group=parallel.tp_group())
 
 
 def _row(spec, config, in_size, out_size):
     return build_module(spec, in_size, out_size, config=config, init_method=config.output_layer_init_method,
                         bias=True, input_is_parallel=True, skip_bias_add=False, is_expert=False,
-                        tp_comm_buffer_name=None)
+                        tp_comm_buffer_name=None, tp_group=parallel.tp_group())
 
 
 class WanAttention(MegatronModule):
@@ -120,7 +121,8 @@ class WanBlock(MegatronModule):
                                             attention_backend=wan.attention_backend, cross=True,
                                             image=wan.is_i2v, qk_norm=wan.qk_norm)
         self.norm3 = build_module(submodules.adaln_norm, dim, eps, elementwise_affine=False)
-        self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size)
+        self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size,
+                                tp_group=parallel.tp_group())
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x, context, image_context, t_mod, rope):

@@ -1,7 +1,6 @@
 """Normalization layers of the Wan block: fp32 LayerNorm and RMSNorm across all heads under TP."""
 
 import torch
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
@@ -40,6 +39,6 @@ class HeadRMSNorm(nn.Module):
         xf = x.float()
         sumsq = xf.pow(2).sum(-1, keepdim=True)
         if parallel.tp_size() > 1:
-            sumsq = dist_fn.all_reduce(sumsq, group=parallel.tp_group())
+            sumsq = parallel.all_reduce_sum(sumsq, parallel.tp_group())
         y = xf * torch.rsqrt(sumsq / self.hidden_size + self.eps)
         return (y * self.weight.float()).type_as(x)

@@ -8,7 +8,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-__all__ = ["initialize", "is_initialized", "tp_group", "tp_rank", "tp_size", "cp_group", "cp_rank", "cp_size"]
+__all__ = [
+    "all_reduce_sum", "cp_group", "cp_rank", "cp_size", "initialize", "is_initialized", "tp_group", "tp_rank",
+    "tp_size",
+]
 
 
 def _free_port() -> int:
@@ -88,3 +91,25 @@ def cp_rank() -> int:
 
 def cp_size() -> int:
     return ps.get_context_parallel_world_size() if is_initialized() else 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a group whose every member goes on to use the sum differently: the backward sums too."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Differentiable all-reduce (sum): forward and backward both sum over `group`."""
+    return _AllReduceSum.apply(x, group)

@@ -1,0 +1,1 @@
+"""Preprocessing stages that turn raw videos into GT-Pairs and pre-encoded shards."""
