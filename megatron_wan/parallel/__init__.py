@@ -113,3 +113,24 @@ class _AllReduceSum(torch.autograd.Function):
 def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     """Differentiable all-reduce (sum): forward and backward both sum over `group`."""
     return _AllReduceSum.apply(x, group)
+
+
+_PAIR_GROUP = None
+
+
+def pair_group():
+    """The 2-rank group that splits a preference pair (pair_mode `ranks`): consecutive members of a
+    data-parallel group, i.e. ranks at the same TP/CP position. Created once, by every rank."""
+    global _PAIR_GROUP
+    if _PAIR_GROUP is None:
+        mine = dist.get_process_group_ranks(ps.get_data_parallel_group(with_context_parallel=False))
+        if len(mine) % 2:
+            raise ValueError(f"pair_mode=ranks needs an even data-parallel size, found {len(mine)}")
+        groups = [None] * dist.get_world_size()
+        dist.all_gather_object(groups, mine)
+        for dp in sorted({tuple(g) for g in groups}):
+            for i in range(0, len(dp), 2):
+                group = dist.new_group(list(dp[i:i + 2]))
+                if dist.get_rank() in dp[i:i + 2]:
+                    _PAIR_GROUP = group
+    return _PAIR_GROUP

@@ -1,0 +1,125 @@
+"""One training step's forward and backward for SFT, DPO and Reg-DPO, in three pair executions.
+
+- `batched`: winners and losers concatenated on the batch axis, one forward, one backward.
+- `sequential`: one sample at a time (lowest activation peak). The loss couples a pair only through
+  two scalars, so each member is back-propagated on its own with its coefficient dL/d err; the
+  loser's error is first measured without a graph, which costs one extra forward per pair.
+- `ranks`: the winner on one rank, the loser on its partner (`parallel.pair_group()`); the two
+  exchange only per-sample scalar errors, compute the same loss and back-propagate their own term.
+  That loss is scaled by the group size, so the data-parallel *mean* of gradients equals `batched`'s.
+
+Winner and loser share t and eps (drawn per sample id). Reference errors are computed without a graph.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_wan import parallel
+from megatron_wan.objectives.flow_matching import FlowMatching, per_sample_error
+from megatron_wan.objectives.preference import BETA, MODES, PreferenceLoss, preference_loss, sft_loss
+
+PAIR_MODES = ("batched", "sequential", "ranks")
+
+
+@dataclass
+class Conditions:
+    """What a sample is conditioned on, aligned on the batch axis. I2V: `clip` and `cond` (mask and
+    first-frame latent channels, concatenated to the noisy latents)."""
+
+    text: torch.Tensor  # [B, L, text_dim]
+    clip: torch.Tensor | None = None  # [B, 257, image_dim]
+    cond: torch.Tensor | None = None  # [B, C_cond, F, H, W]
+
+    def select(self, index) -> "Conditions":
+        return Conditions(*(None if t is None else t[index] for t in (self.text, self.clip, self.cond)))
+
+    def repeat(self, k: int) -> "Conditions":
+        return Conditions(*(None if t is None else torch.cat([t] * k) for t in (self.text, self.clip, self.cond)))
+
+
+@dataclass
+class PairBatch:
+    """Normalized latents of a batch of pairs; winner and loser of pair i share sample_ids[i] and conditions."""
+
+    win: torch.Tensor  # [B, C, F, H, W]
+    lose: torch.Tensor | None  # [B, C, F, H, W]; None for SFT
+    conditions: Conditions
+    sample_ids: list
+
+
+@dataclass
+class PairObjective:
+    flow: FlowMatching
+    mode: str = "regdpo"
+    beta: float = BETA
+    sft_weight: object = "dgr"
+    pair_mode: str = "batched"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, found {self.mode!r}")
+        if self.pair_mode not in PAIR_MODES:
+            raise ValueError(f"pair_mode: expected one of {PAIR_MODES}, found {self.pair_mode!r}")
+        if self.mode == "dpo" and self.sft_weight not in (0, 0.0):
+            self.sft_weight = 0  # vanilla DPO has no SFT term
+
+    def _errors(self, net, latents, conditions: Conditions, sigma, eps):
+        """Per-sample errors of `net` on `latents` noised with (sigma, eps), all aligned on the batch axis."""
+        x_t, target = self.flow.noised(latents, sigma, eps)
+        if conditions.cond is not None:
+            x_t = torch.cat([x_t, conditions.cond.to(x_t)], dim=1)
+        pred = net(x_t, self.flow.model_timestep(sigma).to(x_t), conditions.text, conditions.clip)
+        return per_sample_error(pred, target)
+
+    def _loss(self, err_w, err_l, ref_w, ref_l) -> PreferenceLoss:
+        return preference_loss(err_w, err_l, ref_w, ref_l, beta=self.beta, sft_weight=self.sft_weight)
+
+    def step(self, model, reference, batch: PairBatch, step: int) -> PreferenceLoss:
+        """Forward and backward of one step (gradients accumulate into `model`); returns the loss and metrics."""
+        sigma, eps = self.flow.draw(step, batch.sample_ids, batch.win.shape[1:])
+        c = batch.conditions
+        if self.mode == "sft":
+            out = sft_loss(self._errors(model, batch.win, c, sigma, eps))
+            out.loss.backward()
+            return out
+        if self.pair_mode == "ranks":
+            return self._step_ranks(model, reference, batch, sigma, eps)
+        with torch.no_grad():
+            ref_w = self._errors(reference, batch.win, c, sigma, eps)
+            ref_l = self._errors(reference, batch.lose, c, sigma, eps)
+        n = len(batch.sample_ids)
+        if self.pair_mode == "batched":
+            err = self._errors(model, torch.cat([batch.win, batch.lose]), c.repeat(2), sigma.repeat(2),
+                               torch.cat([eps, eps]))
+            out = self._loss(err[:n], err[n:], ref_w, ref_l)
+            out.loss.backward()
+            return out
+        err_w, err_l = [], []
+        for i in range(n):  # sequential: one sample's graph alive at a time
+            at, ci = slice(i, i + 1), c.select(slice(i, i + 1))
+            with torch.no_grad():
+                e_l = self._errors(model, batch.lose[at], ci, sigma[at], eps[at])
+            e_w = self._errors(model, batch.win[at], ci, sigma[at], eps[at])
+            (self._loss(e_w, e_l, ref_w[at], ref_l[at]).loss / n).backward()
+            e_l = self._errors(model, batch.lose[at], ci, sigma[at], eps[at])
+            (self._loss(e_w.detach(), e_l, ref_w[at], ref_l[at]).loss / n).backward()
+            err_w.append(e_w.detach())
+            err_l.append(e_l.detach())
+        return self._loss(torch.cat(err_w), torch.cat(err_l), ref_w, ref_l)
+
+    def _step_ranks(self, model, reference, batch, sigma, eps) -> PreferenceLoss:
+        group = parallel.pair_group()
+        role = dist.get_group_rank(group, dist.get_rank())  # 0 holds the winners, 1 the losers
+        mine = batch.win if role == 0 else batch.lose
+        with torch.no_grad():
+            ref = self._errors(reference, mine, batch.conditions, sigma, eps)
+        err = self._errors(model, mine, batch.conditions, sigma, eps)
+        gathered = [torch.empty(2, *err.shape, dtype=err.dtype) for _ in range(2)]
+        dist.all_gather(gathered, torch.stack([err.detach(), ref]), group=group)
+        (w, ref_w), (lo, ref_l) = gathered
+        err_w, err_l = (err, lo) if role == 0 else (w, err)
+        out = self._loss(err_w, err_l, ref_w, ref_l)
+        (out.loss * dist.get_world_size(group)).backward()
+        return out

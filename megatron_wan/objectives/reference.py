@@ -1,0 +1,92 @@
+"""The reference model y_ref of Diffusion-DPO, three ways (config `reference`).
+
+- `adapter`: with LoRA, the policy itself with its adapters disabled; no second copy of the weights.
+- `copy`: a frozen copy of the policy taken at start, on the device.
+- `copy_offload`: the frozen copy lives in CPU memory (pinned when CUDA is present); for each forward its
+  modules are streamed to the device one at a time and released right after (Appendix A.2, item 5).
+
+Every reference pass runs under torch.no_grad and builds no graph.
+"""
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_wan.model.lora import disable_adapter, lora_layers
+
+KINDS = ("adapter", "copy", "copy_offload")
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy sharing the process groups (which cannot be copied) with `model`."""
+    memo = {id(v): v for m in model.modules() for v in vars(m).values() if isinstance(v, dist.ProcessGroup)}
+    ref = copy.deepcopy(model, memo).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+class AdapterReference:
+    def __init__(self, model: nn.Module):
+        if not lora_layers(model):
+            raise ValueError("reference=adapter needs a LoRA model (finetune: lora); use copy or copy_offload")
+        self.model = model
+
+    @torch.no_grad()
+    def __call__(self, *inputs):
+        with disable_adapter(self.model):
+            return self.model(*inputs)
+
+
+class CopyReference:
+    def __init__(self, model: nn.Module):
+        self.model = _frozen_copy(model)
+
+    @torch.no_grad()
+    def __call__(self, *inputs):
+        return self.model(*inputs)
+
+
+class OffloadedCopyReference:
+    """A frozen copy kept on `offload_device`; each streamed module is copied to the compute device for
+    its own forward and dropped after it, so at most one block's weights sit on the device at a time."""
+
+    def __init__(self, model: nn.Module, offload_device: str = "cpu"):
+        self.device = next(model.parameters()).device
+        self.model = _frozen_copy(model).to(offload_device)
+        self.host = {}
+        if torch.cuda.is_available():
+            for p in self.model.parameters():
+                p.data = p.data.pin_memory()
+        self.streamed = [m for name, m in self.model.named_children() if name != "blocks"] + list(self.model.blocks)
+        self.loads = 0
+        for module in self.streamed:
+            module.register_forward_pre_hook(self._load)
+            module.register_forward_hook(self._release)
+
+    def _load(self, module, _inputs):
+        self.loads += 1
+        for p in module.parameters():
+            self.host[p] = p.data
+            p.data = p.data.to(self.device, non_blocking=True)
+
+    def _release(self, module, _inputs, _output):
+        for p in module.parameters():
+            p.data = self.host.pop(p)
+
+    @torch.no_grad()
+    def __call__(self, *inputs):
+        return self.model(*inputs)
+
+
+def make_reference(kind: str, model: nn.Module):
+    """The reference of `kind` for the policy `model` (taken now, before any update)."""
+    if kind == "adapter":
+        return AdapterReference(model)
+    if kind == "copy":
+        return CopyReference(model)
+    if kind == "copy_offload":
+        return OffloadedCopyReference(model)
+    raise ValueError(f"reference: expected one of {KINDS}, found {kind!r}")
