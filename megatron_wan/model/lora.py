@@ -14,6 +14,7 @@ and B [out, r] is replicated.
 import contextlib
 import math
 
+import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -96,3 +97,32 @@ def disable_adapter(model: nn.Module):
     finally:
         for layer in layers:
             layer.disabled = False
+
+
+def _lora_tensors(model: nn.Module):
+    """(name, parameter, TP split dim or None) of every adapter weight."""
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoRAParallelLinear):
+            yield f"{name}.lora_A.weight", layer.lora_A.weight, None if layer.column else 1
+            yield f"{name}.lora_B.weight", layer.lora_B.weight, 0 if layer.column else None
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    """This rank's adapter weights (names as in the model, TP-local shapes)."""
+    return {name: p.detach() for name, p, _ in _lora_tensors(model)}
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, full: dict) -> None:
+    """Load whole (unsplit) adapter weights, each TP rank taking its slice."""
+    rank, size = parallel.tp_rank(), parallel.tp_size()
+    missing = [name for name, _, _ in _lora_tensors(model) if name not in full]
+    if missing:
+        raise KeyError(f"LoRA weights missing: {missing}")
+    for name, p, split in _lora_tensors(model):
+        t = full[name]
+        if split is not None:
+            t = t.chunk(size, dim=split)[rank]
+        if t.shape != p.shape:
+            raise ValueError(f"LoRA weight {name}: expected shape {list(p.shape)} on this rank, found {list(t.shape)}")
+        p.copy_(t)
