@@ -37,7 +37,8 @@ def test_forward_matches_diffusers(pair, grid):
 def test_gradients_match_diffusers(pair):
     cfg, ref, ours = pair
     x, t, text, clip = inputs(cfg, (2, 3, 4))
-    weight = torch.randn(x.shape[0], cfg.out_dim, *x.shape[2:], generator=torch.Generator().manual_seed(0))
+    weight = torch.randn(x.shape[0], cfg.out_dim, *x.shape[2:],
+                         generator=torch.Generator().manual_seed(0))
     xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
     (ref(xr, t, text, clip, return_dict=False)[0] * weight).sum().backward()
     (ours(xo, t, text, clip) * weight).sum().backward()
