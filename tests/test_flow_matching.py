@@ -24,7 +24,8 @@ def test_noising_and_target():
     assert torch.equal(xt[0], x0[0]) and torch.equal(xt[2], eps[2])
     assert torch.allclose(xt[1], 0.5 * x0[1] + 0.5 * eps[1])
     assert torch.equal(v, eps - x0)
-    assert torch.allclose(xt + (1 - sigma.view(-1, 1, 1, 1, 1)) * v, eps, atol=1e-6)  # x_t moves along v to eps at sigma=1
+    # x_t moves along v and reaches eps at sigma = 1
+    assert torch.allclose(xt + (1 - sigma.view(-1, 1, 1, 1, 1)) * v, eps, atol=1e-6)
 
 
 def test_draws_are_a_function_of_seed_step_and_sample_id():
