@@ -2,17 +2,12 @@
 
 import io
 import os
-import socket
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_wan.parallel import free_port
 
 
 def _worker(rank, world_size, port, env, fn, args, queue):
@@ -36,7 +31,7 @@ def run_local(fn, world_size: int, *args, env: dict | None = None, timeout: floa
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, env or {}, fn, args, queue))
              for r in range(world_size)]
     for p in procs:

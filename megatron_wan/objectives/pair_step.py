@@ -62,8 +62,6 @@ class PairObjective:
             raise ValueError(f"mode: expected one of {MODES}, found {self.mode!r}")
         if self.pair_mode not in PAIR_MODES:
             raise ValueError(f"pair_mode: expected one of {PAIR_MODES}, found {self.pair_mode!r}")
-        if self.mode == "dpo" and self.sft_weight not in (0, 0.0):
-            self.sft_weight = 0  # vanilla DPO has no SFT term
 
     def _errors(self, net, latents, conditions: Conditions, sigma, eps):
         """Per-sample errors of `net` on `latents` noised with (sigma, eps), all aligned on the batch axis."""
@@ -74,7 +72,8 @@ class PairObjective:
         return per_sample_error(pred, target)
 
     def _loss(self, err_w, err_l, ref_w, ref_l) -> PreferenceLoss:
-        return preference_loss(err_w, err_l, ref_w, ref_l, beta=self.beta, sft_weight=self.sft_weight)
+        sft_weight = 0 if self.mode == "dpo" else self.sft_weight  # vanilla DPO has no SFT term
+        return preference_loss(err_w, err_l, ref_w, ref_l, beta=self.beta, sft_weight=sft_weight)
 
     def step(self, model, reference, batch: PairBatch, step: int) -> PreferenceLoss:
         """Forward and backward of one step (gradients accumulate into `model`); returns the loss and metrics."""

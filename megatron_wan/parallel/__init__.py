@@ -9,12 +9,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 __all__ = [
-    "all_reduce_sum", "cp_group", "cp_rank", "cp_size", "initialize", "is_initialized", "tp_group", "tp_rank",
-    "tp_size",
+    "all_reduce_sum", "cp_group", "cp_rank", "cp_size", "free_port", "initialize", "is_initialized", "pair_group",
+    "tp_group", "tp_rank", "tp_size",
 ]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -30,7 +31,7 @@ def _init_process_group() -> None:
         if backend == "nccl":
             torch.cuda.set_device(0)
         dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+            backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
         )
 
 
