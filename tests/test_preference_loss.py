@@ -78,7 +78,7 @@ def test_r_is_detached_and_bad_weights_are_refused():
     out.loss.backward()
     dgr = 500 * torch.sigmoid(torch.tensor(500 * -0.2)).item()
     assert err_w.grad.item() == pytest.approx(2 * dgr, rel=1e-5)  # DGR + r with r = DGR, no d(r)/d(err) term
-    for bad in ("dgr+1", "half", -3):
+    for bad in ("dgr+1", "half", -3, "dgr/0"):
         with pytest.raises(ValueError, match="sft_weight"):
             preference_loss(err_w, err_w, err_w, err_w, sft_weight=bad)
 

@@ -115,8 +115,9 @@ class PairObjective:
         with torch.no_grad():
             ref = self._errors(reference, mine, batch.conditions, sigma, eps)
         err = self._errors(model, mine, batch.conditions, sigma, eps)
-        gathered = [torch.empty(2, *err.shape, dtype=err.dtype) for _ in range(2)]
-        dist.all_gather(gathered, torch.stack([err.detach(), ref]), group=group)
+        mine_errors = torch.stack([err.detach(), ref.to(err.dtype)])
+        gathered = [torch.empty_like(mine_errors) for _ in range(2)]  # on err's device: NCCL needs that
+        dist.all_gather(gathered, mine_errors, group=group)
         (w, ref_w), (lo, ref_l) = gathered
         err_w, err_l = (err, lo) if role == 0 else (w, err)
         out = self._loss(err_w, err_l, ref_w, ref_l)

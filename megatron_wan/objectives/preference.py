@@ -35,6 +35,8 @@ def sft_weight_fn(sft_weight):
     if not m:
         raise ValueError(f"sft_weight: expected 0, a number, 'dgr', 'dgr*K' or 'dgr/K', found {sft_weight!r}")
     k = float(m.group(2)) if m.group(2) else 1.0
+    if m.group(1) == "/" and k == 0:
+        raise ValueError(f"sft_weight: {sft_weight!r} divides DGR by zero")
     k = 1.0 / k if m.group(1) == "/" else k
     return lambda dgr: dgr * k
 

@@ -60,9 +60,9 @@ class OffloadedCopyReference:
         if torch.cuda.is_available():
             for p in self.model.parameters():
                 p.data = p.data.pin_memory()
-        self.streamed = [m for name, m in self.model.named_children() if name != "blocks"] + list(self.model.blocks)
+        streamed = [m for name, m in self.model.named_children() if name != "blocks"] + list(self.model.blocks)
         self.loads = 0
-        for module in self.streamed:
+        for module in streamed:
             module.register_forward_pre_hook(self._load)
             module.register_forward_hook(self._release)
 
