@@ -57,7 +57,7 @@ class WanAttention(MegatronModule):
     """
 
     def __init__(self, config, submodules: WanAttentionSubmodules, attention_backend: str,
-                 cross: bool = False, image: bool = False, qk_norm: bool = True):
+                 cross: bool = False, image: bool = False, qk_norm: bool = True, cp_comm: str = "auto"):
         super().__init__(config)
         dim, tp = config.hidden_size, parallel.tp_size()
         if config.num_attention_heads % tp:
@@ -72,7 +72,7 @@ class WanAttention(MegatronModule):
         self.q_norm = build_module(submodules.q_norm, dim, config.layernorm_epsilon) if qk_norm else nn.Identity()
         self.k_norm = build_module(submodules.k_norm, dim, config.layernorm_epsilon) if qk_norm else nn.Identity()
         self.core_attention = build_module(submodules.core_attention, attention_backend, self.local_heads,
-                                           self.head_dim)
+                                           self.head_dim, None if cross else cp_comm)
         if image:
             self.linear_k_img = _column(submodules.linear_k, config, dim, dim)
             self.linear_v_img = _column(submodules.linear_v, config, dim, dim)
@@ -86,15 +86,16 @@ class WanAttention(MegatronModule):
         out, _ = linear(x)
         return out
 
-    def forward(self, x, context=None, image_context=None, rope=None):
-        """x [s, b, dim]; context [L, b, dim] (cross); image_context [257, b, dim] (I2V); rope (cos, sin)."""
+    def forward(self, x, context=None, image_context=None, rope=None, shard=None):
+        """x [s, b, dim]; context [L, b, dim] (cross); image_context [257, b, dim] (I2V); rope (cos, sin);
+        shard: the context-parallel FrameShard x belongs to (self-attention)."""
         kv_in = context if self.cross else x
         q = self._heads(self.q_norm(self._project(self.linear_q, x)))
         k = self._heads(self.k_norm(self._project(self.linear_k, kv_in)))
         v = self._heads(self._project(self.linear_v, kv_in))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = self.core_attention(q, k, v)
+        out = self.core_attention(q, k, v, shard)
         if self.image:
             k_img = self._heads(self.k_img_norm(self._project(self.linear_k_img, image_context)))
             v_img = self._heads(self._project(self.linear_v_img, image_context))
@@ -114,7 +115,8 @@ class WanBlock(MegatronModule):
         dim, eps = config.hidden_size, config.layernorm_epsilon
         self.norm1 = build_module(submodules.adaln_norm, dim, eps, elementwise_affine=False)
         self.self_attention = build_module(submodules.self_attention, config=config,
-                                           attention_backend=wan.attention_backend, qk_norm=wan.qk_norm)
+                                           attention_backend=wan.attention_backend, qk_norm=wan.qk_norm,
+                                           cp_comm=wan.cp_comm)
         self.cross_norm = (build_module(submodules.cross_norm, dim, eps, elementwise_affine=True)
                            if wan.cross_attn_norm else nn.Identity())
         self.cross_attention = build_module(submodules.cross_attention, config=config,
@@ -125,12 +127,12 @@ class WanBlock(MegatronModule):
                                 tp_group=parallel.tp_group())
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, context, image_context, t_mod, rope):
-        """x [s, b, dim]; t_mod [b, 6, dim] float32; returns x of the same shape and dtype."""
+    def forward(self, x, context, image_context, t_mod, rope, shard=None):
+        """x [s, b, dim] (a CP rank's `shard` of the video); t_mod [b, 6, dim] float32; returns x's shape and dtype."""
         mod = (self.modulation.float() + t_mod.float()).transpose(0, 1)  # [6, b, dim]
         shift, scale, gate, c_shift, c_scale, c_gate = mod.unsqueeze(1).unbind(0)  # each [1, b, dim]
         h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
-        x = (x.float() + self.self_attention(h, rope=rope).float() * gate).type_as(x)
+        x = (x.float() + self.self_attention(h, rope=rope, shard=shard).float() * gate).type_as(x)
         h = self.cross_norm(x.float()).type_as(x)
         x = x + self.cross_attention(h, context=context, image_context=image_context)
         h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)

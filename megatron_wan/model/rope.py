@@ -13,16 +13,20 @@ def axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0, device=None):
+def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0, device=None,
+                 frame_offset: int = 0):
     """cos and sin of the rotation angles for every token of a (f, h, w) grid, frame-major order.
+
+    `frame_offset` is the grid's first frame in the whole video (a context-parallel shard's).
 
     Returns two float32 tensors [f*h*w, 1, 1, head_dim // 2] (sequence-first, broadcast over batch and heads).
     Angles are computed in float64 like the reference implementations.
     """
     angles = []
-    for n, d, shape in zip(grid, axis_dims(head_dim), ((-1, 1, 1), (1, -1, 1), (1, 1, -1))):
+    starts = (frame_offset, 0, 0)
+    for n, start, d, shape in zip(grid, starts, axis_dims(head_dim), ((-1, 1, 1), (1, -1, 1), (1, 1, -1))):
         inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
-        a = torch.arange(n, dtype=torch.float64, device=device)[:, None] * inv[None]
+        a = torch.arange(start, start + n, dtype=torch.float64, device=device)[:, None] * inv[None]
         angles.append(a.view(*shape, d // 2).expand(*grid, d // 2))
     a = torch.cat(angles, dim=-1).reshape(-1, 1, 1, head_dim // 2)
     return a.cos().float(), a.sin().float()

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from megatron_wan.parallel.context_parallel import CP_COMMS
+
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "te")
 
 
@@ -36,6 +38,7 @@ class WanConfig:
     # runtime (weights do not depend on these)
     attention_backend: str = "auto"
     layer_provider: str = "auto"  # "local" (megatron-core linears), "te" (Transformer Engine), "auto"
+    cp_comm: str = "auto"  # self-attention across context-parallel ranks: "ring", "ulysses", "te", "auto"
     recompute: bool = False  # activation checkpointing per block
     params_dtype: torch.dtype = torch.float32
     perform_initialization: bool = True
@@ -57,6 +60,8 @@ class WanConfig:
             raise ValueError(
                 f"WanConfig.attention_backend: expected one of {ATTENTION_BACKENDS}, found {self.attention_backend!r}"
             )
+        if self.cp_comm not in CP_COMMS:
+            raise ValueError(f"WanConfig.cp_comm: expected one of {CP_COMMS}, found {self.cp_comm!r}")
         if len(self.patch_size) != 3:
             raise ValueError(f"WanConfig.patch_size: expected 3 values (t, h, w), found {self.patch_size}")
 

@@ -19,6 +19,7 @@ from megatron_wan.model.embeddings import Head, ImageEmbedding, TimeEmbedding, T
 from megatron_wan.model.rope import rope_cos_sin
 from megatron_wan.model.specs import block_spec
 from megatron_wan.model.wan_config import WanConfig
+from megatron_wan.parallel.context_parallel import FrameShard, gather_tokens
 
 
 class WanModel(MegatronModule):
@@ -41,21 +42,23 @@ class WanModel(MegatronModule):
         if tconfig.params_dtype != torch.float32:
             self.to(tconfig.params_dtype)
 
-    # -- pieces of the forward, shared with the context-parallel training path --------------------
+    # -- pieces of the forward -------------------------------------------------------------------
 
-    def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """[B, C_in, F, H, W] -> tokens [s, B, dim] (frame-major) and the latent grid (f, h, w)."""
+    def token_grid(self, x: torch.Tensor) -> tuple[int, int, int]:
+        """The token grid (f, h, w) of latents x [B, C_in, F, H, W], which must divide by the patch."""
         cfg = self.wan
         if x.ndim != 5 or x.shape[1] != cfg.in_dim:
             raise ValueError(f"WanModel input: expected [B, {cfg.in_dim}, F, H, W], found {list(x.shape)}")
-        bad = [(n, p) for n, p in zip(x.shape[2:], cfg.patch_size) if n % p]
-        if bad:
+        if any(n % p for n, p in zip(x.shape[2:], cfg.patch_size)):
             raise ValueError(
                 f"WanModel input: latent size {list(x.shape[2:])} is not divisible by patch {cfg.patch_size}"
             )
+        return tuple(n // p for n, p in zip(x.shape[2:], cfg.patch_size))
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, F, H, W] -> tokens [s, B, dim], frame-major."""
         tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
-        grid = tuple(tokens.shape[2:])
-        return tokens.flatten(2).permute(2, 0, 1).contiguous(), grid
+        return tokens.flatten(2).permute(2, 0, 1).contiguous()
 
     def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """Head output [s, B, p_t*p_h*p_w*C_out] -> [B, C_out, F, H, W]."""
@@ -79,24 +82,34 @@ class WanModel(MegatronModule):
         image = self.image_embedding(clip_emb.to(dtype)).transpose(0, 1) if cfg.is_i2v else None
         return temb, t_mod, context, image
 
-    def run_blocks(self, tokens, context, image, t_mod, rope):
+    def run_blocks(self, tokens, context, image, t_mod, rope, shard=None):
         """Tokens [s, B, dim] through every block (activation checkpointing per block when configured)."""
         for block in self.blocks:
             if self.wan.recompute and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, context, image, t_mod, rope, use_reentrant=False)
+                tokens = checkpoint(block, tokens, context, image, t_mod, rope, shard, use_reentrant=False)
             else:
-                tokens = block(tokens, context, image, t_mod, rope)
+                tokens = block(tokens, context, image, t_mod, rope, shard)
         return tokens
 
-    def forward(self, x, timestep, text_emb, clip_emb=None):
+    def forward(self, x, timestep, text_emb, clip_emb=None, *, gather_output: bool = True):
         """x [B, C_in, F, H, W] (I2V: conditioning channels already concatenated), timestep [B],
-        text_emb [B, L, text_dim] (used at the length given), clip_emb [B, 257, image_dim] -> [B, C_out, F, H, W]."""
+        text_emb [B, L, text_dim] (used at the length given), clip_emb [B, 257, image_dim] -> [B, C_out, F, H, W].
+
+        Under context parallelism every rank passes the whole input; the video is sharded along frames
+        inside. `gather_output=True` returns the whole prediction on every rank (what samplers use);
+        `False` returns (this rank's frames of it [B, C_out, k*p_t, H, W], tail padding included, and its
+        FrameShard): the training path, whose loss is computed on the local shard.
+        """
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(x.shape[0])
-        tokens, grid = self.patchify(x)
+        shard = FrameShard.current(self.token_grid(x), self.wan.patch_size[0])
+        tokens = self.patchify(shard.local_latents(x))
         temb, t_mod, context, image = self.conditions(timestep, text_emb, clip_emb)
-        rope = rope_cos_sin(grid, self.wan.head_dim, self.wan.rope_theta, device=x.device)
-        tokens = self.run_blocks(tokens, context, image, t_mod, rope)
-        return self.unpatchify(self.head(tokens, temb), grid)
+        rope = rope_cos_sin(shard.local_grid, self.wan.head_dim, self.wan.rope_theta, device=x.device,
+                            frame_offset=shard.first_frame)
+        tokens = self.head(self.run_blocks(tokens, context, image, t_mod, rope, shard), temb)
+        if gather_output:
+            return self.unpatchify(gather_tokens(tokens, shard), shard.grid)
+        return self.unpatchify(tokens, shard.local_grid), shard
 
     # -- loading ---------------------------------------------------------------------------------
 

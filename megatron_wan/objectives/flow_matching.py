@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_wan.parallel.context_parallel import FrameShard, whole_video_sum
+
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio) for seed mixing
 
 
@@ -65,6 +67,15 @@ class FlowMatching:
         return sigma * self.num_train_timesteps
 
 
-def per_sample_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """err [N] = mean over all latent elements of (target - prediction)^2, in float32."""
-    return (target.float() - prediction.float()).pow(2).flatten(1).mean(1)
+def per_sample_error(prediction: torch.Tensor, target: torch.Tensor, shard: FrameShard | None = None) -> torch.Tensor:
+    """err [N] = mean over all latent elements of the whole video of (target - prediction)^2, in float32.
+
+    Under context parallelism `prediction` is this rank's frames (`model(..., gather_output=False)`) and
+    `target` the whole video. The DPO sigmoid needs the error of the WHOLE video, not of a shard: each
+    rank sums the squares of its real frames, one all-reduce of N scalars over the CP group adds them,
+    and the sum is divided by the element count of the whole video.
+    """
+    if shard is None or shard.size == 1:
+        return (target.float() - prediction.float()).pow(2).flatten(1).mean(1)
+    local = (shard.local_latents(target).float() - prediction.float()).pow(2)[:, :, : shard.valid_latent_frames]
+    return whole_video_sum(local.flatten(1).sum(1), shard) / target[0].numel()

@@ -68,8 +68,9 @@ class PairObjective:
         x_t, target = self.flow.noised(latents, sigma, eps)
         if conditions.cond is not None:
             x_t = torch.cat([x_t, conditions.cond.to(x_t)], dim=1)
-        pred = net(x_t, self.flow.model_timestep(sigma).to(x_t), conditions.text, conditions.clip)
-        return per_sample_error(pred, target)
+        pred, shard = net(x_t, self.flow.model_timestep(sigma).to(x_t), conditions.text, conditions.clip,
+                          gather_output=False)  # this CP rank's frames; the error is the whole video's
+        return per_sample_error(pred, target, shard)
 
     def _loss(self, err_w, err_l, ref_w, ref_l) -> PreferenceLoss:
         sft_weight = 0 if self.mode == "dpo" else self.sft_weight  # vanilla DPO has no SFT term

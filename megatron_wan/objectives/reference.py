@@ -35,9 +35,9 @@ class AdapterReference:
         self.model = model
 
     @torch.no_grad()
-    def __call__(self, *inputs):
+    def __call__(self, *inputs, **kwargs):
         with disable_adapter(self.model):
-            return self.model(*inputs)
+            return self.model(*inputs, **kwargs)
 
 
 class CopyReference:
@@ -45,8 +45,8 @@ class CopyReference:
         self.model = _frozen_copy(model)
 
     @torch.no_grad()
-    def __call__(self, *inputs):
-        return self.model(*inputs)
+    def __call__(self, *inputs, **kwargs):
+        return self.model(*inputs, **kwargs)
 
 
 class OffloadedCopyReference:
@@ -77,8 +77,8 @@ class OffloadedCopyReference:
             p.data = self.host.pop(p)
 
     @torch.no_grad()
-    def __call__(self, *inputs):
-        return self.model(*inputs)
+    def __call__(self, *inputs, **kwargs):
+        return self.model(*inputs, **kwargs)
 
 
 def make_reference(kind: str, model: nn.Module):

@@ -1,0 +1,285 @@
+"""Context parallelism over video tokens: frame-axis shards and self-attention across the CP group.
+
+Sharding (`FrameShard`): a video's token frames are split contiguously over the CP ranks, each rank
+holding k = ceil(frames / cp) of them. When cp does not divide the frame count the tail of the video
+is padded (21 latent frames over CP=4: 6, 6, 6 and 3 + 3 padding); padded tokens are never attended
+to as keys and never enter the loss, so they change no result. Text and CLIP tokens stay whole on
+every rank: cross-attention needs no CP communication.
+
+Self-attention across ranks (`cp_comm`):
+- `ring`: each rank's K/V travel once around the ring (point-to-point, overlapped with compute);
+  partial outputs are merged by their log-sum-exp. Its backward is its own: K/V go round again and
+  their gradients travel with them back to their owner. Padded keys are cut off each chunk.
+- `ulysses`: all-to-all from sequence-sharded, all heads to whole sequence, heads/cp; any local
+  attention kernel runs there; all-to-all back. Needs the local head count divisible by cp.
+- `te`: Transformer Engine's own CP inside its DotProductAttention (see model/attention.py).
+
+Gradient convention: every CP rank returns the gradient of its own tokens' share; the data-parallel
+gradient reduction over CP ranks adds the shares (as Megatron-LM does).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_wan import parallel
+
+CP_COMMS = ("auto", "ring", "ulysses", "te")
+_aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class FrameShard:
+    """One CP rank's contiguous slice of a video's token grid (f, h, w), tail-padded to equal sizes."""
+
+    grid: tuple[int, int, int]  # token grid of the whole video
+    patch_t: int  # latent frames per token frame
+    size: int = 1
+    rank: int = 0
+
+    @classmethod
+    def current(cls, grid, patch_t: int) -> "FrameShard":
+        """This process's shard under the initialized CP group (the whole video when CP=1)."""
+        return cls(tuple(grid), patch_t, parallel.cp_size(), parallel.cp_rank())
+
+    @property
+    def frames_per_rank(self) -> int:
+        return math.ceil(self.grid[0] / self.size)
+
+    @property
+    def first_frame(self) -> int:
+        """Global index of this rank's first token frame (its RoPE frame offset)."""
+        return self.rank * self.frames_per_rank
+
+    @property
+    def local_grid(self) -> tuple[int, int, int]:
+        return (self.frames_per_rank, *self.grid[1:])
+
+    @property
+    def tokens_per_rank(self) -> int:
+        return math.prod(self.local_grid)
+
+    def valid_frames(self, rank: int | None = None) -> int:
+        """Real (unpadded) token frames held by `rank` (default: this one)."""
+        start = (self.rank if rank is None else rank) * self.frames_per_rank
+        return max(0, min(self.grid[0] - start, self.frames_per_rank))
+
+    def valid_tokens(self, rank: int) -> int:
+        return self.valid_frames(rank) * self.grid[1] * self.grid[2]
+
+    @property
+    def valid_latent_frames(self) -> int:
+        """Real latent frames of this rank's slice: the ones its loss counts."""
+        return self.valid_frames() * self.patch_t
+
+    @property
+    def padded(self) -> bool:
+        return self.size * self.frames_per_rank != self.grid[0]
+
+    def local_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's latent frames of x [B, C, F, H, W], zero-padded at the video's tail: [B, C, k*p_t, H, W]."""
+        if self.size == 1:
+            return x
+        n = self.frames_per_rank * self.patch_t
+        start = self.first_frame * self.patch_t
+        part = x[:, :, start:start + n]
+        if part.shape[2] < n:
+            pad = x.new_zeros(*x.shape[:2], n - part.shape[2], *x.shape[3:])
+            part = torch.cat([part, pad], dim=2)
+        return part
+
+
+# -- collectives with the autograd rules CP needs ---------------------------------------------------
+
+class _GatherTokens(torch.autograd.Function):
+    """All-gather of [s_local, ...] over CP; every rank goes on to the same loss, so the backward keeps
+    this rank's own slice of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.rank, ctx.size = dist.get_rank(group), dist.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(ctx.size)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.chunk(ctx.size)[ctx.rank], None
+
+
+def gather_tokens(tokens: torch.Tensor, shard: FrameShard) -> torch.Tensor:
+    """Every rank's tokens [s_local, B, ...] -> the whole video's [f*h*w, B, ...] (padding dropped)."""
+    if shard.size == 1:
+        return tokens
+    whole = _GatherTokens.apply(tokens, parallel.cp_group())
+    return whole[: math.prod(shard.grid)]
+
+
+class _SumSharedLoss(torch.autograd.Function):
+    """All-reduce (sum) whose result every rank turns into the same loss: the backward is the identity,
+    so each rank back-propagates only its own term and the CP gradient reduction adds them."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def whole_video_sum(local: torch.Tensor, shard: FrameShard) -> torch.Tensor:
+    """Sum of per-rank partial sums over the CP group (identity when CP=1)."""
+    return local if shard.size == 1 else _SumSharedLoss.apply(local, parallel.cp_group())
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single over dim 0 (one equal part per rank); its gradient is the same exchange."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllToAll.apply(grad, ctx.group), None
+
+
+# -- Ulysses ----------------------------------------------------------------------------------------
+
+def check_ulysses_heads(local_heads: int, cp: int) -> None:
+    """Ulysses moves heads between CP ranks: the heads of one TP rank must split evenly over them."""
+    if local_heads % cp:
+        raise ValueError(
+            f"cp_comm=ulysses: {local_heads} attention heads per tensor-parallel rank do not split over "
+            f"context_parallel={cp}; use cp_comm=ring, or a CP size that divides the heads"
+        )
+
+
+def ulysses_attention(q, k, v, shard: FrameShard, attend) -> torch.Tensor:
+    """q, k, v [s_local, b, n, d] -> [s_local, b, n*d]; `attend` is a local kernel over [s, b, n', d]."""
+    group, cp = parallel.cp_group(), shard.size
+    s, b, n, d = q.shape
+    check_ulysses_heads(n, cp)
+    # [3, s, b, cp, n/cp, d] -> destination head group first: [cp, 3, s, b, n/cp, d]
+    qkv = torch.stack([q, k, v]).unflatten(3, (cp, n // cp)).permute(3, 0, 1, 2, 4, 5)
+    qkv = _AllToAll.apply(qkv, group)  # now dim 0 is the source rank = the sequence chunk
+    q, k, v = qkv.permute(1, 0, 2, 3, 4, 5).flatten(1, 2).unbind(0)  # each [cp*s, b, n/cp, d]
+    keys = sum(shard.valid_tokens(r) for r in range(cp))  # padding sits at the video's tail
+    out = attend(q, k[:keys], v[:keys])  # [cp*s, b, n/cp*d]
+    out = _AllToAll.apply(out.view(cp, s, b, n // cp * d), group)  # dim 0: source head group
+    return out.permute(1, 2, 0, 3).reshape(s, b, n * d)
+
+
+# -- ring -------------------------------------------------------------------------------------------
+
+def _kernel_forward(q, k, v):
+    """Attention over [b, n, s, d] with its log-sum-exp [b, n, s] (fp32), and what its backward needs."""
+    if q.device.type == "cpu":
+        out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+        return out, lse, ()
+    out, lse, seed, offset = _aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
+    return out, lse[..., : q.shape[2]], (lse, seed, offset)
+
+
+def _kernel_backward(dout, q, k, v, out, lse, extra):
+    """Gradients of one K/V chunk's attention given the *merged* output and log-sum-exp."""
+    if q.device.type == "cpu":
+        return _aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, False)
+    kernel_lse, seed, offset = extra
+    kernel_lse = kernel_lse.clone()
+    kernel_lse[..., : q.shape[2]] = lse  # the kernel's own (row-padded) layout
+    dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, k, v, None, out, kernel_lse, seed, offset, 0.0, [True, True, True, False])
+    return dq, dk, dv
+
+
+class _Ring:
+    """Send to the next CP rank, receive from the previous one (buffers of one shape)."""
+
+    def __init__(self, group):
+        self.group = group
+        ranks = dist.get_process_group_ranks(group)
+        me = dist.get_group_rank(group, dist.get_rank())
+        self.me, self.size = me, len(ranks)
+        self.next, self.prev = ranks[(me + 1) % self.size], ranks[(me - 1) % self.size]
+
+    def start(self, buffer):
+        incoming = torch.empty_like(buffer)
+        ops = [dist.P2POp(dist.isend, buffer.contiguous(), self.next, self.group),
+               dist.P2POp(dist.irecv, incoming, self.prev, self.group)]
+        return incoming, dist.batch_isend_irecv(ops)
+
+    @staticmethod
+    def finish(pending):
+        incoming, requests = pending
+        for r in requests:
+            r.wait()
+        return incoming
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, valid, group):
+        """q, k, v [b, n, s, d]; valid[r] = real keys held by CP rank r (a tail prefix of its chunk)."""
+        ring = _Ring(group)
+        kv, out, lse, extra = torch.stack([k, v]), None, None, None
+        for i in range(ring.size):
+            pending = ring.start(kv) if i < ring.size - 1 else None  # overlaps with this chunk's compute
+            n = valid[(ring.me - i) % ring.size]
+            if n:
+                o, chunk_lse, chunk_extra = _kernel_forward(q, kv[0, :, :, :n].contiguous(),
+                                                             kv[1, :, :, :n].contiguous())
+                extra = extra or chunk_extra
+                if out is None:
+                    out, lse = o.float(), chunk_lse
+                else:
+                    merged = torch.logaddexp(lse, chunk_lse)
+                    out = (out * (lse - merged).exp().unsqueeze(-1)
+                           + o.float() * (chunk_lse - merged).exp().unsqueeze(-1))
+                    lse = merged
+            if pending is not None:
+                kv = ring.finish(pending)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.valid, ctx.group, ctx.extra = valid, group, extra
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        ring = _Ring(ctx.group)
+        dout = dout.contiguous()
+        dq = torch.zeros_like(q, dtype=torch.float32)
+        kv = torch.stack([k, v])
+        dkv = torch.zeros_like(kv, dtype=torch.float32)  # travels with the chunk it belongs to
+        for i in range(ring.size):
+            pending = ring.start(kv) if i < ring.size - 1 else None
+            n = ctx.valid[(ring.me - i) % ring.size]
+            if n:
+                grads = _kernel_backward(dout, q, kv[0, :, :, :n].contiguous(), kv[1, :, :, :n].contiguous(),
+                                         out, lse, ctx.extra)
+                dq += grads[0]
+                dkv[0, :, :, :n] += grads[1]
+                dkv[1, :, :, :n] += grads[2]
+            dkv = ring.finish(ring.start(dkv))  # after the last step it is home, complete
+            if pending is not None:
+                kv = ring.finish(pending)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+
+
+def ring_attention(q, k, v, shard: FrameShard) -> torch.Tensor:
+    """q, k, v [s_local, b, n, d] -> [s_local, b, n*d], attending to every CP rank's real keys."""
+    s, b, n, d = q.shape
+    valid = [shard.valid_tokens(r) for r in range(shard.size)]
+    heads_first = [t.permute(1, 2, 0, 3).contiguous() for t in (q, k, v)]
+    out = _RingAttention.apply(*heads_first, valid, parallel.cp_group())
+    return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
