@@ -88,7 +88,7 @@ class FrameShard:
         if part.shape[2] < n:
             pad = x.new_zeros(*x.shape[:2], n - part.shape[2], *x.shape[3:])
             part = torch.cat([part, pad], dim=2)
-        return part
+        return part.contiguous()  # its own storage: the graph keeps this rank's frames, not the whole input
 
 
 # -- collectives with the autograd rules CP needs ---------------------------------------------------
