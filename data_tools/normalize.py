@@ -1,0 +1,159 @@
+"""normalize: GT videos to the model's format (Appendix A.1): 16 fps resampled by timestamps, the first
+81 frames (shorter videos are rejected), cover-scaled so the short side is `--min-side` (720) and
+center-cropped to the nearest aspect bucket (sides multiples of 16), H.264 via PyAV; the first frame
+as the reference image (PNG) and the prompt, from `--captions` (CSV or JSONL; OpenVid-1M's CSV as is)
+or an external `--captioner CMD` (run as `CMD VIDEO`, the caption read from its standard output).
+
+Outputs: DIR/videos/ID.mp4 and DIR/images/ID.png; the record keeps the source's fields under `source`.
+"""
+
+import csv
+import functools
+import json
+import shlex
+import subprocess
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from PIL import Image
+
+from data_tools.media import (
+    Geometry,
+    bucket_size,
+    cover_geometry,
+    encode_h264,
+    nearest_aspect,
+    parse_aspects,
+    resampled_frames,
+    transform,
+    video_metadata,
+)
+from data_tools.stage import Reject, atomic_path
+
+MEDIA_FIELDS = ("path", "fps", "frames", "duration", "width", "height", "aspect", "codec", "size_bytes", "sha256",
+                "probe_backend")
+CAPTION_KEYS = ("caption", "prompt", "text")
+VIDEO_KEYS = ("id", "video", "path", "file", "filename")
+
+
+@dataclass(frozen=True)
+class Spec:
+    fps: int = 16
+    frames: int = 81
+    min_side: int = 720
+    aspects: tuple = ("9:16", "3:4", "1:1", "16:9")
+    crf: int = 17
+    preset: str = "faster"
+
+
+def normalize_video(src, video_out: Path, image_out: Path, geometry: Geometry, spec: Spec) -> dict:
+    """Resample, scale, crop and encode `src` into `video_out` with its first frame in `image_out`, each
+    written under a temporary name and renamed when whole; returns the output's metadata."""
+    video_out.parent.mkdir(parents=True, exist_ok=True)
+    image_out.parent.mkdir(parents=True, exist_ok=True)
+    first = []
+
+    def frames():
+        for frame in resampled_frames(src, spec.fps, spec.frames):
+            rgb = transform(frame, geometry)
+            if not first:
+                first.append(rgb)
+            yield rgb
+
+    with atomic_path(video_out) as tmp:
+        encode_h264(tmp, frames(), spec.fps, spec.crf, spec.preset)
+    with atomic_path(image_out) as tmp:
+        Image.fromarray(first[0]).save(tmp, format="PNG")
+    return video_metadata(video_out)
+
+
+def carried(record: dict, meta: dict, **fields) -> dict:
+    """A normalized record: the earlier fields, the source's media fields under `source`, the output's own."""
+    out = {k: v for k, v in record.items() if k not in MEDIA_FIELDS}
+    out["source"] = {k: record[k] for k in MEDIA_FIELDS if k in record}
+    return {**out, **meta, **fields}
+
+
+@functools.cache
+def load_captions(path: str) -> dict:
+    """{video key: caption} from a CSV or JSONL file; each row is indexed by its id/video/path value and
+    that value's file name and stem, so OpenVid-1M's `video,caption` rows match our ids."""
+    p = Path(path)
+    if p.suffix == ".jsonl":
+        with open(p, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        with open(p, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    captions = {}
+    for n, row in enumerate(rows, 1):
+        text = next((row[k] for k in CAPTION_KEYS if row.get(k)), None)
+        keys = [str(row[k]) for k in VIDEO_KEYS if row.get(k)]
+        if text is None or not keys:
+            raise ValueError(f"{path}: row {n} needs one of {VIDEO_KEYS} and one of {CAPTION_KEYS}")
+        for key in keys:
+            captions.update({key: text, Path(key).name: text, Path(key).stem: text})
+    return captions
+
+
+def _caption(record: dict, captions: str | None) -> str | None:
+    if captions:
+        table = load_captions(captions)
+        path = Path(record["path"])
+        for key in (record["id"], path.name, path.stem):
+            if key in table:
+                return table[key]
+    return record.get("prompt")
+
+
+def _run_captioner(command: str, video: Path) -> str:
+    done = subprocess.run([*shlex.split(command), str(video)], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 or not done.stdout.strip():
+        raise Reject(f"captioner {command!r} failed (exit {done.returncode}): {done.stderr.strip()[-300:]}")
+    return done.stdout.strip()
+
+
+def normalize(record: dict, spec: Spec, out_dir: str, captions: str | None, captioner: str | None) -> dict:
+    """One GT video to the training format; Reject when it is too short or has no prompt."""
+    prompt = _caption(record, captions)
+    if prompt is None and not captioner:
+        raise Reject(f"no prompt for {record['id']!r}" + (f" in {captions}" if captions else "")
+                     + " (give --captions or --captioner)")
+    meta = video_metadata(record["path"]) if "width" not in record else record
+    aspect, _ = nearest_aspect(meta["width"], meta["height"], spec.aspects)
+    width, height = bucket_size(aspect, spec.min_side)
+    out = Path(out_dir)
+    video, image = out / "videos" / f"{record['id']}.mp4", out / "images" / f"{record['id']}.png"
+    new = normalize_video(record["path"], video, image, cover_geometry(meta["width"], meta["height"], width, height),
+                          spec)
+    if prompt is None:
+        prompt = _run_captioner(captioner, video)
+    return carried(record, new, path=str(video), image=str(image), prompt=prompt, aspect_bucket=aspect)
+
+
+def add_spec_arguments(parser) -> None:
+    d = Spec()
+    parser.add_argument("--crf", type=int, default=d.crf, help="x264 quality (lower is better; 17 is near lossless)")
+    parser.add_argument("--preset", default=d.preset, help="x264 speed preset")
+
+
+def add_arguments(parser) -> None:
+    parser.description = __doc__
+    d = Spec()
+    parser.add_argument("--fps", type=int, default=d.fps)
+    parser.add_argument("--frames", type=int, default=d.frames)
+    parser.add_argument("--min-side", type=int, default=d.min_side)
+    parser.add_argument("--aspects", type=parse_aspects, default=list(d.aspects))
+    add_spec_arguments(parser)
+    parser.add_argument("--captions", help="CSV or JSONL with a video/id column and a caption/prompt column")
+    parser.add_argument("--captioner", help="command run as `CMD VIDEO` that prints the caption")
+
+
+def make(args):
+    spec = Spec(args.fps, args.frames, args.min_side, tuple(args.aspects), args.crf, args.preset)
+    captions = str(Path(args.captions).resolve()) if args.captions else None
+    if captions:
+        load_captions(captions)  # a missing or malformed captions file fails here, before any video
+    return partial(normalize, spec=spec, out_dir=str(Path(args.out).resolve()), captions=captions,
+                   captioner=args.captioner)
