@@ -22,6 +22,9 @@ setup(
         "peft>=0.14",
         "decord>=0.6",
         "av>=12",
+        "scenedetect>=0.6.4",  # shot boundaries in data_tools filter
+        "opencv-python-headless>=4.8",  # PySceneDetect's detectors need cv2
+        "pillow>=10",
         "einops>=0.8",
         "pyyaml>=6",
         "safetensors>=0.4",

@@ -15,6 +15,8 @@ STAGES = {  # CLI name -> module
     "select": "select",
     "filter": "filter",
     "normalize": "normalize",
+    "import-generated": "import_generated",
+    "pair": "pair",
 }
 
 

@@ -7,9 +7,7 @@ or an external `--captioner CMD` (run as `CMD VIDEO`, the caption read from its 
 Outputs: DIR/videos/ID.mp4 and DIR/images/ID.png; the record keeps the source's fields under `source`.
 """
 
-import csv
 import functools
-import json
 import shlex
 import subprocess
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from data_tools.media import (
     transform,
     video_metadata,
 )
-from data_tools.stage import Reject, atomic_path
+from data_tools.stage import Reject, atomic_path, read_table
 
 MEDIA_FIELDS = ("path", "fps", "frames", "duration", "width", "height", "aspect", "codec", "size_bytes", "sha256",
                 "probe_backend")
@@ -79,15 +77,8 @@ def carried(record: dict, meta: dict, **fields) -> dict:
 def load_captions(path: str) -> dict:
     """{video key: caption} from a CSV or JSONL file; each row is indexed by its id/video/path value and
     that value's file name and stem, so OpenVid-1M's `video,caption` rows match our ids."""
-    p = Path(path)
-    if p.suffix == ".jsonl":
-        with open(p, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    else:
-        with open(p, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
     captions = {}
-    for n, row in enumerate(rows, 1):
+    for n, row in enumerate(read_table(path), 1):
         text = next((row[k] for k in CAPTION_KEYS if row.get(k)), None)
         keys = [str(row[k]) for k in VIDEO_KEYS if row.get(k)]
         if text is None or not keys:

@@ -13,6 +13,7 @@ rejects that record and the run goes on.
 
 import concurrent.futures as cf
 import contextlib
+import csv
 import json
 import multiprocessing
 import os
@@ -41,6 +42,14 @@ def read_jsonl(path) -> list[dict]:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     return records
+
+
+def read_table(path) -> list[dict]:
+    """Rows of a CSV (header row) or JSONL file, chosen by extension."""
+    if Path(path).suffix == ".jsonl":
+        return read_jsonl(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
 
 @contextlib.contextmanager

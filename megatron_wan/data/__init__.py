@@ -1,0 +1,1 @@
+"""Pre-encoded training data: shards, datasets and batch samplers."""
