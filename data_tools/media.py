@@ -1,7 +1,6 @@
 """Video I/O for the stages: metadata (decord, PyAV as the fallback), frames with their timestamps,
 16 fps resampling by timestamps, cover-scale + center-crop geometry, H.264 encoding (PyAV, libx264)."""
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ import av
 import numpy as np
 
 from data_tools.stage import Reject
+from megatron_wan.data.shards import file_sha256
 
 # name -> (width, height) ratio; Wan 2.1 trains 16:9 and 9:16 at 720p; the paper adds 3:4 and 1:1
 ASPECTS = {"16:9": (16, 9), "9:16": (9, 16), "4:3": (4, 3), "3:4": (3, 4), "1:1": (1, 1)}
@@ -22,11 +22,6 @@ def parse_aspects(text: str) -> list[str]:
     if unknown or not names:
         raise ValueError(f"--aspects: expected a comma list of {sorted(ASPECTS)}, found {text!r}")
     return names
-
-
-def sha256_file(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _decord_metadata(path) -> dict:
@@ -84,7 +79,7 @@ def video_metadata(path) -> dict:
     if meta["fps"] <= 0:
         raise Reject("no frame rate in the stream")
     meta.update(duration=meta["frames"] / meta["fps"], aspect=meta["width"] / meta["height"], codec=_codec(path),
-                size_bytes=size, sha256=sha256_file(path))
+                size_bytes=size, sha256=file_sha256(path))
     return meta
 
 
