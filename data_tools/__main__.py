@@ -12,7 +12,7 @@ from data_tools.stage import input_records, parse_shard, run_stage
 
 STAGES = {  # CLI name -> module
     "probe": "probe",
-    "select": "select",
+    "select": "selection",  # not select.py: that would shadow the standard library module
     "filter": "filter",
     "normalize": "normalize",
     "import-generated": "import_generated",
