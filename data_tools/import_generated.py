@@ -12,7 +12,7 @@ from pathlib import Path
 
 from data_tools.media import cover_geometry, video_metadata
 from data_tools.normalize import Spec, add_spec_arguments, carried, normalize_video
-from data_tools.stage import Reject, input_records, read_table
+from data_tools.stage import Reject, find_video, input_records, read_table, video_keys
 
 KEY_COLUMNS = ("video", "id", "path", "file", "filename")
 
@@ -26,7 +26,7 @@ def load_mapping(path: str) -> dict:
         if key is None or not row.get("gt_id") or not row.get("generator"):
             raise ValueError(f"{path}: row {n} needs a video column ({'/'.join(KEY_COLUMNS)}), gt_id and generator")
         entry = {"gt_id": str(row["gt_id"]), "generator": str(row["generator"])}
-        table.update({key: entry, Path(key).name: entry, Path(key).stem: entry})
+        table.update(dict.fromkeys(video_keys(key), entry))
     return table
 
 
@@ -39,7 +39,7 @@ def import_generated(record: dict, spec: Spec, out_dir: str, mapping: str, gt: s
     """One generated video in its GT's format, with gt_id, generator and the GT's prompt and image."""
     table = load_mapping(mapping)
     src = Path(record["path"])
-    entry = next((table[k] for k in (record["id"], src.name, src.stem) if k in table), None)
+    entry = find_video(table, record)
     if entry is None:
         raise Reject(f"not in the mapping {mapping}")
     target = load_gt(gt).get(entry["gt_id"])

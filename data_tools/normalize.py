@@ -27,7 +27,7 @@ from data_tools.media import (
     transform,
     video_metadata,
 )
-from data_tools.stage import Reject, atomic_path, read_table
+from data_tools.stage import Reject, atomic_path, find_video, read_table, video_keys
 
 MEDIA_FIELDS = ("path", "fps", "frames", "duration", "width", "height", "aspect", "codec", "size_bytes", "sha256",
                 "probe_backend")
@@ -84,18 +84,13 @@ def load_captions(path: str) -> dict:
         if text is None or not keys:
             raise ValueError(f"{path}: row {n} needs one of {VIDEO_KEYS} and one of {CAPTION_KEYS}")
         for key in keys:
-            captions.update({key: text, Path(key).name: text, Path(key).stem: text})
+            captions.update(dict.fromkeys(video_keys(key), text))
     return captions
 
 
 def _caption(record: dict, captions: str | None) -> str | None:
-    if captions:
-        table = load_captions(captions)
-        path = Path(record["path"])
-        for key in (record["id"], path.name, path.stem):
-            if key in table:
-                return table[key]
-    return record.get("prompt")
+    found = find_video(load_captions(captions), record) if captions else None
+    return found if found is not None else record.get("prompt")
 
 
 def _run_captioner(command: str, video: Path) -> str:

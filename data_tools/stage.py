@@ -52,6 +52,17 @@ def read_table(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def video_keys(name: str) -> tuple[str, str, str]:
+    """The names a video is known by in side tables (captions, mappings): as given, its file name, its stem."""
+    return name, Path(name).name, Path(name).stem
+
+
+def find_video(table: dict, record: dict):
+    """The entry of `table` for a record, by its id or its file's name or stem; None when absent."""
+    keys = (record["id"], *video_keys(record["path"])[1:])
+    return next((table[k] for k in keys if k in table), None)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path` (same extension); renamed to `path` only if the block succeeds."""
