@@ -25,6 +25,7 @@ setup(
         "scenedetect>=0.6.4",  # shot boundaries in data_tools filter
         "opencv-python-headless>=4.8",  # PySceneDetect's detectors need cv2
         "pillow>=10",
+        "ftfy>=6",  # prompt cleaning exactly as diffusers' Wan pipelines do it
         "einops>=0.8",
         "pyyaml>=6",
         "safetensors>=0.4",

@@ -1,6 +1,7 @@
 """python -m data_tools STAGE --in X --out DIR [--workers N] [--shard I/N] [stage options]
+python -m data_tools verify DIR
 
-Stages, in pipeline order: probe, select, filter, normalize, import-generated, pair.
+Stages, in pipeline order: probe, select, filter, normalize, import-generated, pair, encode.
 `--in` is a directory of videos, a stage's output directory, or a JSONL manifest.
 """
 
@@ -17,7 +18,9 @@ STAGES = {  # CLI name -> module
     "normalize": "normalize",
     "import-generated": "import_generated",
     "pair": "pair",
+    "encode": "encode",
 }
+COMMANDS = {"verify": "verify"}  # not stages: no --in/--out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,12 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N",
                        help="process every N-th input starting at I (SLURM arrays)")
         importlib.import_module(f"data_tools.{module}").add_arguments(p)
+    for name, module in COMMANDS.items():
+        p = sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter)
+        importlib.import_module(f"data_tools.{module}").add_arguments(p)
     return parser
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    module = importlib.import_module(f"data_tools.{STAGES[args.stage]}")
+    module = importlib.import_module(f"data_tools.{STAGES.get(args.stage) or COMMANDS[args.stage]}")
     if hasattr(module, "run"):  # a stage over whole manifests rather than one video at a time
         return module.run(args)
     try:

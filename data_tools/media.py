@@ -171,3 +171,18 @@ def encode_h264(path, frames, fps: int, crf: int, preset: str) -> int:
         if stream is not None:
             out.mux(stream.encode())
     return n
+
+
+def read_frames(path) -> np.ndarray:
+    """Every frame of a video as RGB uint8 [F, H, W, 3] (decord; PyAV when decord cannot read it)."""
+    try:
+        import decord
+
+        vr = decord.VideoReader(str(path), num_threads=1)
+        return vr.get_batch(list(range(len(vr)))).asnumpy()
+    except Exception:  # decord raises its own error types; PyAV may still read it
+        with av.open(str(path)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        if not frames:
+            raise Reject(f"{path}: no decodable video frames") from None
+        return np.stack(frames)

@@ -44,6 +44,14 @@ def read_jsonl(path) -> list[dict]:
     return records
 
 
+def read_journal(path) -> list[dict]:
+    """Records of an append-only JSONL journal (none when it does not exist); a line cut by a kill is not one."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
 def read_table(path) -> list[dict]:
     """Rows of a CSV (header row) or JSONL file, chosen by extension."""
     if Path(path).suffix == ".jsonl":
@@ -169,13 +177,7 @@ def run_stage(name: str, records: list[dict], process, out_dir, *, workers: int 
     suffix = "" if n == 1 else f".{i}-of-{n}"
     mine = [r for k, r in enumerate(records) if k % n == i]
     journal_path = out / f"journal{suffix}.jsonl"
-    done = {}
-    if journal_path.exists():
-        with open(journal_path, encoding="utf-8") as f:
-            for line in f:
-                if line.endswith("\n"):  # a line cut by a kill is not a result
-                    entry = json.loads(line)
-                    done[entry["id"]] = entry
+    done = {entry["id"]: entry for entry in read_journal(journal_path)}
     todo = [r for r in mine if r["id"] not in done]
     skipped = len(mine) - len(todo)
     bar = tqdm(total=len(todo), desc=name, unit="video", file=sys.stderr, disable=not todo)

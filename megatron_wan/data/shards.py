@@ -204,6 +204,14 @@ class ShardReader:
         """Sample keys in the order they were added."""
         return list(self._samples)
 
+    def spec(self, key: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """{field: (dtype, shape)} of one sample, from the index alone (no data is read)."""
+        try:
+            _, fields = self._samples[key]
+        except KeyError:
+            raise KeyError(f"sample {key!r} not in shard {self.idx_path}") from None
+        return {name: (dtype, shape) for name, dtype, shape, *_ in fields}
+
     def get(self, key: str, *, copy: bool = True) -> dict[str, torch.Tensor]:
         """{field: tensor} of one sample, bit-exact; copies, or mmap-backed views with copy=False (see class)."""
         try:
