@@ -23,3 +23,23 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check megatron_wan data_tools launch tests
+
+# `make eval-env` builds $(EVAL_VENV) for VBench (python -m megatron_wan.eval vbench), apart from .venv because
+# vbench pins transformers==4.33.2 and numpy<2. vbench does not declare torch: EVAL_TORCH installs it first, by
+# default .venv's torch pin and its torchvision, which PyPI serves as CUDA builds (VBench's launcher needs CUDA).
+# torch and torchvision must come from the same build: a +cpu torch (e.g. from a pip find-links folder) cannot load
+# PyPI's torchvision. For another CUDA: EVAL_TORCH='torch torchvision --index-url <CUDA wheel index>'.
+# Model weights are not installed here (see `python -m megatron_wan.eval vbench --help`).
+EVAL_VENV ?= .venv-eval
+EVAL_TORCH ?= $(TORCH_PIN) torchvision==0.28.0
+VBENCH_PIN ?= vbench==0.1.5
+
+.PHONY: eval-env
+eval-env: $(EVAL_VENV)/.installed
+
+$(EVAL_VENV)/.installed:
+	test -x $(EVAL_VENV)/bin/python || $(PYTHON) -m venv $(EVAL_VENV)
+	$(EVAL_VENV)/bin/python -m pip install -q --upgrade pip wheel 'setuptools<82'  # openai-clip needs pkg_resources
+	$(EVAL_VENV)/bin/python -m pip install -q $(EVAL_TORCH)
+	$(EVAL_VENV)/bin/python -m pip install -q $(VBENCH_PIN)
+	touch $@

@@ -1,0 +1,42 @@
+"""python -m megatron_wan.eval COMMAND [options]
+
+  rank    rank a values table (method x dimension) into the paper's points and Total_Score
+  gsb     GSB scores from Good/Same/Bad annotation files
+  vbench  run VBench (custom input) on folders of videos, or parse its results, and rank them
+  curves  PNG curves of training metric logs and of per-checkpoint Total_Score
+"""
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {  # CLI name -> module in megatron_wan.eval with add_arguments(parser) and run(args)
+    "rank": "ranking",
+    "gsb": "gsb",
+    "vbench": "vbench",
+    "curves": "curves",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m megatron_wan.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        module = importlib.import_module(f"megatron_wan.eval.{module}")
+        p = sub.add_parser(name, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(f"megatron_wan.eval.{COMMANDS[args.command]}")
+    try:
+        return module.run(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        sys.exit(f"megatron_wan.eval {args.command}: {e}")
+
+
+if __name__ == "__main__":
+    main()
