@@ -31,6 +31,7 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.66",
         "tensorboard>=2.16",
+        "matplotlib>=3.7",  # curves (constrained layout with an outside legend)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
