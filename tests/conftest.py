@@ -1,5 +1,34 @@
 import os
 import warnings
 
+import pytest
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory):
+    """GT-Pairs from the real clips (see gtpair_data.make_gt_pairs)."""
+    from gtpair_data import make_gt_pairs
+
+    return make_gt_pairs(tmp_path_factory.mktemp("gtpairs"))
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Tiny random Wan 2.1 folders in diffusers layout: {"t2v": DIR, "i2v": DIR}."""
+    from gtpair_data import make_models
+
+    return make_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def encoded(pairs, models, tmp_path_factory):
+    """{task: encoded dataset directory} of the GT-Pairs with the tiny encoders."""
+    from gtpair_data import run
+
+    out = tmp_path_factory.mktemp("encoded")
+    for task in ("t2v", "i2v"):
+        run("encode", "--in", pairs / "pairs", "--out", out / task, "--model", models[task])
+    return {task: out / task for task in ("t2v", "i2v")}

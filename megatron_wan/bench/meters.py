@@ -76,3 +76,22 @@ def time_it(fn, repeats: int = 3, warmup: int = 1) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+DEVICE_PEAKS = {  # dense tensor-core FLOP/s from the vendors' tables: (bf16, tf32)
+    "H100": (989.4e12, 494.7e12), "H200": (989.4e12, 494.7e12), "H800": (989.4e12, 494.7e12),
+    "A100": (312e12, 156e12), "A800": (312e12, 156e12), "L40S": (362e12, 183e12),
+}
+
+
+def peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from): a GPU's table value, or on CPU a `size`^3 matmul in `dtype` timed here."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, (bf16, tf32) in DEVICE_PEAKS.items():
+            if key in name:
+                return (bf16 if dtype in (torch.bfloat16, torch.float16) else tf32), f"{name} table"
+        return float("nan"), f"{name}: no table value"
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    seconds = time_it(lambda: a @ b, repeats=5)
+    return 2 * size**3 / seconds, f"CPU {dtype} {size}^3 matmul timed"

@@ -76,16 +76,18 @@ class PairObjective:
         sft_weight = 0 if self.mode == "dpo" else self.sft_weight  # vanilla DPO has no SFT term
         return preference_loss(err_w, err_l, ref_w, ref_l, beta=self.beta, sft_weight=sft_weight)
 
-    def step(self, model, reference, batch: PairBatch, step: int) -> PreferenceLoss:
-        """Forward and backward of one step (gradients accumulate into `model`); returns the loss and metrics."""
+    def step(self, model, reference, batch: PairBatch, step: int, backward=torch.Tensor.backward) -> PreferenceLoss:
+        """Forward and backward of one step (gradients accumulate into `model`); returns the loss and metrics.
+        `backward(loss)` back-propagates (an engine's, which may scale the loss or hook its optimizer)."""
         sigma, eps = self.flow.draw(step, batch.sample_ids, batch.win.shape[1:])
+        sigma, eps = sigma.to(batch.win.device), eps.to(batch.win.device)
         c = batch.conditions
         if self.mode == "sft":
             out = sft_loss(self._errors(model, batch.win, c, sigma, eps))
-            out.loss.backward()
+            backward(out.loss)
             return out
         if self.pair_mode == "ranks":
-            return self._step_ranks(model, reference, batch, sigma, eps)
+            return self._step_ranks(model, reference, batch, sigma, eps, backward)
         with torch.no_grad():
             ref_w = self._errors(reference, batch.win, c, sigma, eps)
             ref_l = self._errors(reference, batch.lose, c, sigma, eps)
@@ -94,7 +96,7 @@ class PairObjective:
             err = self._errors(model, torch.cat([batch.win, batch.lose]), c.repeat(2), sigma.repeat(2),
                                torch.cat([eps, eps]))
             out = self._loss(err[:n], err[n:], ref_w, ref_l)
-            out.loss.backward()
+            backward(out.loss)
             return out
         err_w, err_l = [], []
         for i in range(n):  # sequential: one sample's graph alive at a time
@@ -102,14 +104,14 @@ class PairObjective:
             with torch.no_grad():
                 e_l = self._errors(model, batch.lose[at], ci, sigma[at], eps[at])
             e_w = self._errors(model, batch.win[at], ci, sigma[at], eps[at])
-            (self._loss(e_w, e_l, ref_w[at], ref_l[at]).loss / n).backward()
+            backward(self._loss(e_w, e_l, ref_w[at], ref_l[at]).loss / n)
             e_l = self._errors(model, batch.lose[at], ci, sigma[at], eps[at])
-            (self._loss(e_w.detach(), e_l, ref_w[at], ref_l[at]).loss / n).backward()
+            backward(self._loss(e_w.detach(), e_l, ref_w[at], ref_l[at]).loss / n)
             err_w.append(e_w.detach())
             err_l.append(e_l.detach())
         return self._loss(torch.cat(err_w), torch.cat(err_l), ref_w, ref_l)
 
-    def _step_ranks(self, model, reference, batch, sigma, eps) -> PreferenceLoss:
+    def _step_ranks(self, model, reference, batch, sigma, eps, backward) -> PreferenceLoss:
         group = parallel.pair_group()
         role = dist.get_group_rank(group, dist.get_rank())  # 0 holds the winners, 1 the losers
         mine = batch.win if role == 0 else batch.lose
@@ -122,5 +124,5 @@ class PairObjective:
         (w, ref_w), (lo, ref_l) = gathered
         err_w, err_l = (err, lo) if role == 0 else (w, err)
         out = self._loss(err_w, err_l, ref_w, ref_l)
-        (out.loss * dist.get_world_size(group)).backward()
+        backward(out.loss * dist.get_world_size(group))
         return out

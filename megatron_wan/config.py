@@ -1,0 +1,254 @@
+"""Run configuration: YAML files loaded into dataclasses, `key.sub=value` overrides, validation that names the key.
+
+Every error is raised before any model is built: an unknown key (with the known ones), a wrong type, or an
+impossible combination (Ulysses with a head count CP does not divide, LoRA settings with `finetune: full`,
+a world size TP x CP does not divide, the DeepSpeed engine with TP or a non-batched pair mode).
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megatron_wan.model.lora import DEFAULT_TARGETS
+from megatron_wan.model.wan_config import PRESETS
+from megatron_wan.objectives.pair_step import PAIR_MODES
+from megatron_wan.objectives.preference import BETA, MODES, sft_weight_fn
+from megatron_wan.objectives.reference import KINDS
+
+
+class ConfigError(ValueError):
+    """A configuration problem, naming the key."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "wan2.1-t2v-1.3b"  # architecture when `weights` is null (random init) or to check against
+    weights: str | None = None  # a diffusers folder (or its transformer/), or an original Wan-AI folder
+    layout: str = "diffusers"  # "diffusers" or "original"
+    attention_backend: str = "auto"
+    cp_comm: str = "auto"  # "ring", "ulysses", "te", "auto"
+    recompute: bool = False  # activation checkpointing per block
+    init_seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # an encoded dataset (python -m data_tools encode)
+    pairs: str | None = None  # default: DIR/train.jsonl
+    num_workers: int = 0
+    text_len: int = 512
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    targets: list = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+
+@dataclass
+class ObjectiveConfig:
+    mode: str = "regdpo"  # "sft", "dpo", "regdpo"
+    beta: float = BETA  # the paper's beta (Diffusion-DPO code's beta' = 2 * beta)
+    sft_weight: typing.Any = "dgr"  # r: a number, "dgr", "dgr*K", "dgr/K"
+    pair_mode: str = "batched"
+    reference: str = "adapter"  # "adapter" (LoRA), "copy", "copy_offload"
+    shift: float = 5.0  # 5.0 for 720p, 3.0 for 480p
+    timestep_sampling: str = "uniform"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # "constant" or "cosine"
+    min_lr: float = 0.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str | None = None  # a DeepSpeed JSON to use as is; else one is generated from ours
+    offload_params: bool = True
+    offload_optimizer: bool = True
+
+
+@dataclass
+class RunConfig:
+    task: str = "t2v"  # "t2v" or "i2v"
+    finetune: str = "lora"  # "lora" or "full"
+    engine: str = "megatron"  # "megatron" or "deepspeed"
+    tensor_parallel: int = 1
+    context_parallel: int = 1
+    batch_size: int = 1  # pairs per data-parallel rank
+    steps: int = 1000
+    seed: int = 42
+    dtype: str = "bf16"  # "bf16" or "fp32"
+    output_dir: str = "outputs/run"
+    save_every: int = 300
+    keep_last: int = 3
+    resume: bool = True  # continue from the newest checkpoint in output_dir when there is one
+    log_every: int = 1
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    empty_cache: bool = False  # torch.cuda.empty_cache() at step end (Appendix A.2 item 6)
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run aborts
+    collapse_gap: float = 0.0  # watchdog: warn when Win Gap and Lose Gap both exceed this ...
+    collapse_steps: int = 20  # ... for this many consecutive steps
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    lora: LoraConfig | None = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "run.task": ("t2v", "i2v"), "run.finetune": ("lora", "full"), "run.engine": ("megatron", "deepspeed"),
+    "run.dtype": ("bf16", "fp32"), "model.layout": ("diffusers", "original"),
+    "model.attention_backend": ("auto", "sdpa", "flash", "te"), "model.cp_comm": ("auto", "ring", "ulysses", "te"),
+    "objective.mode": MODES, "objective.pair_mode": PAIR_MODES, "objective.reference": KINDS,
+    "objective.timestep_sampling": ("uniform", "logit_normal"), "optim.schedule": ("constant", "cosine"),
+}
+
+
+def _check_type(key: str, value, hint):
+    origin = typing.get_origin(hint)
+    if hint is typing.Any:
+        return value
+    if origin in (types.UnionType, typing.Union):
+        for option in typing.get_args(hint):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _check_type(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {hint}, found {type(value).__name__} {value!r}")
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint is list and isinstance(value, (list, tuple)):
+        return list(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {hint.__name__}, found {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, values, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, found {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; known keys of {prefix.rstrip('.') or 'config'}: "
+                          f"{sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        key, hint = prefix + name, hints[name]
+        inner = [t for t in typing.get_args(hint) if dataclasses.is_dataclass(t)]
+        target = hint if dataclasses.is_dataclass(hint) else (inner[0] if inner else None)
+        if target is not None and value is not None:
+            kwargs[name] = _build(target, value, key + ".")
+        else:
+            kwargs[name] = _check_type(key, value, hint)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, key: str, value):
+    node = base
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path=None, overrides=()) -> Config:
+    """The Config of YAML `path` (or the defaults) with `key.sub=value` overrides (values parsed as YAML)."""
+    values = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        _merge(values, key.strip(), yaml.safe_load(raw))
+    cfg = _build(Config, values, "")
+    validate(cfg)
+    return cfg
+
+
+def _get(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Raise ConfigError naming the key of any impossible setting; `world_size` checks the layout too."""
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: expected one of {list(allowed)}, found {_get(cfg, key)!r}")
+    run, obj = cfg.run, cfg.objective
+    for key in ("run.tensor_parallel", "run.context_parallel", "run.batch_size", "run.steps", "run.save_every",
+                "run.keep_last", "run.log_every", "run.max_bad_steps"):
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}: expected >= 1, found {_get(cfg, key)}")
+    if cfg.model.weights is None and cfg.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown {cfg.model.preset!r}; known: {sorted(PRESETS)}")
+    if obj.mode != "sft":
+        try:
+            sft_weight_fn(obj.sft_weight)
+        except ValueError as e:
+            raise ConfigError(f"objective.sft_weight: {e}") from None
+    if run.finetune == "full":
+        if cfg.lora is not None:
+            raise ConfigError("lora: LoRA settings given with run.finetune=full; remove the lora section "
+                              "(lora: null) or use run.finetune=lora")
+        if obj.reference == "adapter" and obj.mode != "sft":
+            raise ConfigError("objective.reference: 'adapter' needs run.finetune=lora; use copy or copy_offload")
+    elif cfg.lora is None:
+        raise ConfigError("lora: run.finetune=lora needs the lora section (rank, alpha, targets)")
+    if run.engine == "deepspeed":
+        if run.tensor_parallel != 1:
+            raise ConfigError("run.tensor_parallel: the deepspeed engine shards with ZeRO-3, not TP; use 1")
+        if obj.pair_mode != "batched":
+            raise ConfigError("objective.pair_mode: the deepspeed engine runs one backward per step; use batched")
+    if obj.pair_mode == "ranks" and run.context_parallel != 1:
+        raise ConfigError("objective.pair_mode: 'ranks' pairs data-parallel ranks; it needs run.context_parallel=1")
+    if cfg.model.cp_comm == "ulysses" and run.context_parallel > 1 and cfg.model.weights is None:
+        heads = PRESETS[cfg.model.preset].get("num_heads", 12) // run.tensor_parallel
+        if heads % run.context_parallel:
+            raise ConfigError(f"model.cp_comm: ulysses needs the heads per TP rank ({heads}) divisible by "
+                              f"run.context_parallel={run.context_parallel}; use ring")
+    if world_size is not None:
+        mp = run.tensor_parallel * run.context_parallel
+        if world_size % mp:
+            raise ConfigError(f"run.tensor_parallel x run.context_parallel = {mp} does not divide the world size "
+                              f"{world_size}")
+        if obj.pair_mode == "ranks" and (world_size // mp) % 2:
+            raise ConfigError(f"objective.pair_mode: 'ranks' needs an even data-parallel size, found "
+                              f"{world_size // mp}")

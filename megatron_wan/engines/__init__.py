@@ -1,0 +1,22 @@
+"""Training engines: the same model and objectives, sharded two ways.
+
+An engine owns the optimizer and the gradient reduction. Its contract:
+- `engine.model` is what forwards go through; `engine.module` the bare WanModel.
+- `engine.backward(loss)` back-propagates this rank's loss. Under context parallelism each rank holds a share
+  of a whole-video loss, so the loss is multiplied by CP and gradients averaged over DP x CP ranks: the
+  result is the sum of the CP shares, averaged over data-parallel ranks.
+- `engine.step(lr)` reduces, measures the global gradient norm, clips, and steps the optimizer unless the norm
+  is not finite (every rank sees the same norm, so all skip together); returns (grad_norm, stepped).
+- `engine.state_dict()` / `load_state_dict()`: trainable weights and optimizer state of this rank.
+"""
+
+
+def build_engine(cfg, model):
+    """The engine named by `cfg.run.engine` around `model`."""
+    if cfg.run.engine == "deepspeed":
+        from megatron_wan.engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, model)
+    from megatron_wan.engines.megatron import MegatronEngine
+
+    return MegatronEngine(cfg, model)
