@@ -183,3 +183,15 @@ def test_world_size_must_split_into_tp_and_cp():
     with pytest.raises(ConfigError, match=r"run.tensor_parallel x run.context_parallel = 4 does not divide the world "
                                           r"size 6"):
         validate(cfg, 6)
+
+
+def test_stability_experiment_runs_both_objectives(models, encoded, tmp_path):
+    from megatron_wan.bench.stability import main
+
+    report = main(["--model", str(models["t2v"]), "--data", str(encoded["t2v"]), "--out", str(tmp_path),
+                   "--steps", "4"])
+    assert set(report) == {"DPO", "Reg-DPO (r = DGR)"}
+    assert (tmp_path / "training_curves.png").stat().st_size > 10_000
+    dpo = metrics(tmp_path / "dpo")
+    assert len(dpo) == 4 and all(r["r"] == 0 for r in dpo)  # vanilla DPO: no SFT term
+    assert all(r["r"] == r["dgr"] for r in metrics(tmp_path / "regdpo"))
