@@ -33,6 +33,7 @@ setup(
         "tensorboard>=2.16",
         "matplotlib>=3.7",  # curves (constrained layout with an outside legend)
     ],
+    entry_points={"console_scripts": ["megatron-wan-train = megatron_wan.train:main"]},
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "scikit-video>=1.1.11", "ruff>=0.6"],
