@@ -1,7 +1,7 @@
 """python -m data_tools STAGE --in X --out DIR [--workers N] [--shard I/N] [stage options]
 python -m data_tools verify DIR
 
-Stages, in pipeline order: probe, select, filter, normalize, import-generated, pair, encode.
+Stages, in pipeline order: probe, select, filter, normalize, generate, import-generated, pair, encode.
 `--in` is a directory of videos, a stage's output directory, or a JSONL manifest.
 """
 
@@ -16,6 +16,7 @@ STAGES = {  # CLI name -> module
     "select": "selection",  # not select.py: that would shadow the standard library module
     "filter": "filter",
     "normalize": "normalize",
+    "generate": "generate",  # the base model's videos of the GT videos
     "import-generated": "import_generated",
     "pair": "pair",
     "encode": "encode",

@@ -1,5 +1,6 @@
 """Video I/O for the stages: metadata (decord, PyAV as the fallback), frames with their timestamps,
-16 fps resampling by timestamps, cover-scale + center-crop geometry, H.264 encoding (PyAV, libx264)."""
+16 fps resampling by timestamps, cover-scale + center-crop geometry; H.264 encoding (PyAV, libx264) comes
+from megatron_wan.video_io, which the sampler shares."""
 
 import math
 import os
@@ -10,6 +11,7 @@ import numpy as np
 
 from data_tools.stage import Reject
 from megatron_wan.data.shards import file_sha256
+from megatron_wan.video_io import encode_h264 as encode_h264  # re-exported for the stages
 
 # name -> (width, height) ratio; Wan 2.1 trains 16:9 and 9:16 at 720p; the paper adds 3:4 and 1:1
 ASPECTS = {"16:9": (16, 9), "9:16": (9, 16), "4:3": (4, 3), "3:4": (3, 4), "1:1": (1, 1)}
@@ -151,26 +153,6 @@ def transform(frame: av.VideoFrame, g: Geometry) -> np.ndarray:
     rgb = frame.reformat(width=g.scaled_w, height=g.scaled_h, format="rgb24",
                          interpolation="AREA" if shrink else "BICUBIC").to_ndarray()
     return np.ascontiguousarray(rgb[g.top:g.top + g.height, g.left:g.left + g.width])
-
-
-def encode_h264(path, frames, fps: int, crf: int, preset: str) -> int:
-    """Encode RGB frames to an H.264 (yuv420p) MP4 at exactly `fps`; returns the frame count."""
-    n = 0
-    with av.open(str(path), "w", format="mp4") as out:
-        stream = None
-        for rgb in frames:
-            if stream is None:
-                stream = out.add_stream("libx264", rate=fps)
-                stream.height, stream.width = rgb.shape[:2]
-                stream.pix_fmt = "yuv420p"
-                stream.options = {"crf": str(crf), "preset": preset}
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = n
-            out.mux(stream.encode(frame))
-            n += 1
-        if stream is not None:
-            out.mux(stream.encode())
-    return n
 
 
 def read_frames(path) -> np.ndarray:

@@ -132,3 +132,11 @@ class WanEncoders:
         mask = mask.view(1, -1, t, *latent.shape[-2:]).transpose(1, 2)
         return clip[0].to(self.dtype).cpu(), torch.cat([mask, latent], dim=1)[0].to(self.dtype)
 
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Normalized latents [B, 16, F', H', W'] -> RGB uint8 videos [B, F, H, W, 3] (the Wan VAE)."""
+        z = latents.float().cpu() * self.latents_std + self.latents_mean
+        with self._on_device(self.vae) as vae:
+            video = vae.decode(z.to(self.device, self.dtype), return_dict=False)[0]
+        frames = self.video_processor.postprocess_video(video.float().cpu(), output_type="np")
+        return (frames * 255).round().astype(np.uint8)

@@ -91,18 +91,25 @@ class WanModel(MegatronModule):
                 tokens = block(tokens, context, image, t_mod, rope, shard)
         return tokens
 
-    def forward(self, x, timestep, text_emb, clip_emb=None, *, gather_output: bool = True):
+    def forward(self, x, timestep, text_emb, clip_emb=None, *, gather_output: bool = True,
+                shard: FrameShard | None = None):
         """x [B, C_in, F, H, W] (I2V: conditioning channels already concatenated), timestep [B],
         text_emb [B, L, text_dim] (used at the length given), clip_emb [B, 257, image_dim] -> [B, C_out, F, H, W].
 
         Under context parallelism every rank passes the whole input; the video is sharded along frames
-        inside. `gather_output=True` returns the whole prediction on every rank (what samplers use);
-        `False` returns (this rank's frames of it [B, C_out, k*p_t, H, W], tail padding included, and its
-        FrameShard): the training path, whose loss is computed on the local shard.
+        inside. `gather_output=True` returns the whole prediction on every rank; `False` returns (this rank's
+        frames of it [B, C_out, k*p_t, H, W], tail padding included, and its FrameShard): the training path,
+        whose loss is computed on the local shard. Given a `shard`, x is already that shard's frames
+        (`shard.local_latents` of the whole input), as a sampler holds them through its loop.
         """
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(x.shape[0])
-        shard = FrameShard.current(self.token_grid(x), self.wan.patch_size[0])
-        tokens = self.patchify(shard.local_latents(x))
+        if shard is None:
+            shard = FrameShard.current(self.token_grid(x), self.wan.patch_size[0])
+            x = shard.local_latents(x)
+        elif self.token_grid(x) != shard.local_grid:
+            raise ValueError(f"WanModel input: a shard of token grid {list(shard.local_grid)} was given, "
+                             f"the input's is {list(self.token_grid(x))}")
+        tokens = self.patchify(x)
         temb, t_mod, context, image = self.conditions(timestep, text_emb, clip_emb)
         rope = rope_cos_sin(shard.local_grid, self.wan.head_dim, self.wan.rope_theta, device=x.device,
                             frame_offset=shard.first_frame)

@@ -1,0 +1,187 @@
+"""Flow-matching sampling of Wan 2.1 on WanModel: diffusers' Euler and UniPC schedulers with the sigma shift
+(sigma = shift*s / (1 + (shift-1)*s)), classifier-free guidance against a negative prompt, T2V and I2V, one seed
+per sample, context parallel, VAE decode and MP4 output at 16 fps.
+
+The loop is that of diffusers' WanPipeline / WanImageToVideoPipeline: the same noise for the same seeds, the same
+timesteps, guidance and scheduler steps, hence the same latents. Under context parallelism (CP) each rank holds only
+its own latent frames from the first step to the last (the model takes them as they are, `shard=`, and the
+scheduler's update is elementwise); the frames are gathered once, after the loop, for the VAE decode.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_wan import parallel
+from megatron_wan.encoders import WanEncoders, pad_text
+from megatron_wan.model import WanModel
+from megatron_wan.model.convert import LAYOUTS
+from megatron_wan.objectives.pair_step import Conditions
+from megatron_wan.parallel.context_parallel import FrameShard
+from megatron_wan.video_io import encode_h264
+
+# Wan 2.1's default negative prompt (sample_neg_prompt of its shared config; diffusers' examples use it too)
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，"
+                       "最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，"
+                       "画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
+                       "杂乱的背景，三条腿，背景人很多，倒着走")
+SOLVERS = ("unipc", "euler")
+FPS = 16  # Wan 2.1's frame rate
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Solver and guidance; the defaults are Wan 2.1's (50 UniPC steps, shift 5.0 at 720p, 3.0 at 480p; CFG 5.0).
+    guidance_scale <= 1 turns classifier-free guidance off, as in diffusers."""
+
+    solver: str = "unipc"
+    steps: int = 50
+    shift: float = 5.0
+    guidance_scale: float = 5.0
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"sampling solver: expected one of {SOLVERS}, found {self.solver!r}")
+        if self.steps < 1:
+            raise ValueError(f"sampling steps: expected at least 1, found {self.steps}")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1
+
+    def scheduler(self):
+        """A fresh diffusers scheduler: FlowMatchEulerDiscreteScheduler, or UniPCMultistepScheduler configured for
+        flow prediction as Wan 2.1's diffusers folders configure it."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+        if self.solver == "euler":
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
+        return UniPCMultistepScheduler(num_train_timesteps=self.num_train_timesteps, prediction_type="flow_prediction",
+                                       use_flow_sigmas=True, flow_shift=self.shift)
+
+
+def initial_noise(seeds, shape) -> torch.Tensor:
+    """[len(seeds), *shape] float32 noise on the CPU, sample i drawn from torch.Generator().manual_seed(seeds[i]):
+    what diffusers' pipelines draw from that list of CPU generators, so a seed gives one video on any device."""
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def gather_frames(x: torch.Tensor, shard: FrameShard) -> torch.Tensor:
+    """Each CP rank's latent frames [B, C, k*p_t, H, W] -> the whole video's [B, C, F, H, W] on every rank."""
+    if shard.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(shard.size)]
+    dist.all_gather(parts, x.contiguous(), group=parallel.cp_group())
+    return torch.cat(parts, dim=2)[:, :, : shard.grid[0] * shard.patch_t]
+
+
+def _batched(t: torch.Tensor | None, b: int, name: str):
+    if t is None or t.shape[0] == b:
+        return t
+    if t.shape[0] != 1:
+        raise ValueError(f"sampling {name}: expected a batch of 1 or {b} (the seeds), found {t.shape[0]}")
+    return t.expand(b, *t.shape[1:])
+
+
+@torch.no_grad()
+def denoise(model: WanModel, noise: torch.Tensor, cond: Conditions, negative_text: torch.Tensor | None,
+            config: SamplingConfig) -> torch.Tensor:
+    """Latents [B, 16, F, H, W] sampled from `noise` (the whole video, the same on every CP rank) under `cond`
+    (text [1 or B, L, text_dim]; I2V: clip and the 20-channel cond latent) and, when guided, against
+    `negative_text`; returned whole on every rank, each rank having stepped only its own frames."""
+    if config.guided and negative_text is None:
+        raise ValueError(f"sampling: guidance_scale={config.guidance_scale} needs the negative prompt's text_emb")
+    b, patch = noise.shape[0], model.wan.patch_size
+    shard = FrameShard.current(tuple(n // p for n, p in zip(noise.shape[2:], patch)), patch[0])
+    text, clip = _batched(cond.text, b, "text_emb"), _batched(cond.clip, b, "clip_emb")
+    negative = _batched(negative_text, b, "negative text_emb")
+    cond_frames = None if cond.cond is None else shard.local_latents(_batched(cond.cond, b, "cond_latent"))
+    dtype = model.patch_embedding.weight.dtype
+    latents = shard.local_latents(noise.float())
+    scheduler = config.scheduler()
+    scheduler.set_timesteps(config.steps, device=noise.device)
+    scheduler.set_begin_index(0)
+    for t in scheduler.timesteps:
+        x = (latents if cond_frames is None else torch.cat([latents, cond_frames.to(latents)], dim=1)).to(dtype)
+        pred = model(x, t, text, clip, gather_output=False, shard=shard)[0]
+        if config.guided:
+            uncond = model(x, t, negative, clip, gather_output=False, shard=shard)[0]
+            pred = uncond + config.guidance_scale * (pred - uncond)
+        latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+    return gather_frames(latents, shard)
+
+
+def save_video(path, frames: np.ndarray, fps: int = FPS, crf: int = 17, preset: str = "faster") -> int:
+    """Write RGB uint8 frames [F, H, W, 3] as an H.264 MP4 at `fps`; returns the frame count."""
+    return encode_h264(path, frames, fps, crf, preset)
+
+
+class WanSampler:
+    """A Wan 2.1 model ready to sample: the encoders of a diffusers folder and WanModel (under the initialized TP/CP
+    groups) with the DiT weights of that folder, or of `transformer` (a diffusers transformer folder, or with
+    layout='original' an original Wan-AI checkpoint folder). The DiT runs in `dtype`; umT5, the VAE and CLIP in
+    `encoder_dtype` (float32 by default: diffusers' Wan examples keep the VAE in float32)."""
+
+    def __init__(self, model_dir, *, transformer=None, layout: str = "diffusers", device="cpu",
+                 dtype=torch.float32, encoder_dtype=torch.float32, offload: bool = False):
+        if layout not in LAYOUTS or (layout == "original" and transformer is None):
+            raise ValueError(f"layout {layout!r}: expected 'diffusers', or 'original' with a transformer folder")
+        self.encoders = WanEncoders(model_dir, None, device, encoder_dtype, offload)
+        loader = WanModel.from_diffusers if layout == "diffusers" else WanModel.from_original
+        self.model = loader(transformer or model_dir, params_dtype=dtype).to(self.encoders.device).eval()
+        if self.model.wan.model_type != self.encoders.task:
+            raise ValueError(f"{transformer or model_dir}: a {self.model.wan.model_type} transformer, but the "
+                             f"encoders of {model_dir} are {self.encoders.task}'s")
+        self._negative = {}  # the negative prompt's text_emb, computed once
+
+    @property
+    def task(self) -> str:
+        return self.encoders.task
+
+    def text(self, prompt: str) -> torch.Tensor:
+        """umT5 states of `prompt` zero-padded to 512 tokens, as the pipelines feed them: [1, 512, text_dim]."""
+        return pad_text(self.encoders.text([prompt])[0])[None].to(self.encoders.device)
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(16, F', H', W') of a `frames` x `height` x `width` video; a size the VAE or the patches cannot take is
+        an error."""
+        c = self.encoders.vae.config
+        t, s = c.scale_factor_temporal, c.scale_factor_spatial
+        side = s * self.model.wan.patch_size[1]
+        if frames < 1 or (frames - 1) % t:
+            raise ValueError(f"{frames} frames: Wan 2.1 needs {t}k+1 (81)")
+        if height % side or width % side:
+            raise ValueError(f"{width}x{height}: both sides must be multiples of {side}")
+        return c.z_dim, (frames - 1) // t + 1, height // s, width // s
+
+    def conditions(self, prompt: str, frames: int, image=None) -> Conditions:
+        """Conditions of one video: the prompt's text; I2V: the CLIP tokens and cond latent of the PIL reference
+        `image`, which must have the video's size."""
+        if self.task == "t2v":
+            return Conditions(self.text(prompt))
+        if image is None:
+            raise ValueError("I2V sampling needs a reference image")
+        clip, cond = self.encoders.image_conditioning(image, frames)
+        return Conditions(self.text(prompt), clip[None].to(self.encoders.device), cond[None].to(self.encoders.device))
+
+    def sample(self, cond: Conditions, shape, seeds, config: SamplingConfig) -> torch.Tensor:
+        """Latents [len(seeds), *shape] under `cond`, one seed per sample (see `denoise`)."""
+        if cond.cond is not None and tuple(cond.cond.shape[2:]) != tuple(shape[1:]):
+            raise ValueError(f"I2V sampling: the reference image gives latent frames of {list(cond.cond.shape[2:])}, "
+                             f"the video {list(shape[1:])}; the image must have the video's size")
+        negative = None
+        if config.guided:
+            if config.negative_prompt not in self._negative:
+                self._negative = {config.negative_prompt: self.text(config.negative_prompt)}
+            negative = self._negative[config.negative_prompt]
+        noise = initial_noise(seeds, shape).to(self.encoders.device)
+        return denoise(self.model, noise, cond, negative, config)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Normalized latents [B, 16, F', H', W'] -> RGB uint8 videos [B, F, H, W, 3] (the Wan VAE)."""
+        return self.encoders.decode(latents)
+
