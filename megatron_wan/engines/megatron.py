@@ -14,6 +14,11 @@ from megatron.core import parallel_state as ps
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
+def engine_file(tp_rank: int) -> str:
+    """The checkpoint file of one TP rank's trainable weights and optimizer state."""
+    return f"engine-tp{tp_rank:02d}.pt"
+
+
 class MegatronEngine:
     def __init__(self, cfg, model: torch.nn.Module):
         self.model = self.module = model
@@ -70,10 +75,10 @@ class MegatronEngine:
             trainable = {id(p) for p in self.params}
             weights = {k: v.detach() for k, v in self.module.named_parameters() if id(v) in trainable}
             state = {"weights": weights, "optimizer": self.optimizer.state_dict()}
-            torch.save(state, f"{directory}/engine-tp{ps.get_tensor_model_parallel_rank():02d}.pt")
+            torch.save(state, f"{directory}/{engine_file(ps.get_tensor_model_parallel_rank())}")
 
     def load(self, directory) -> None:
-        path = f"{directory}/engine-tp{ps.get_tensor_model_parallel_rank():02d}.pt"
+        path = f"{directory}/{engine_file(ps.get_tensor_model_parallel_rank())}"
         state = torch.load(path, map_location="cpu", weights_only=True)
         params = dict(self.module.named_parameters())
         with torch.no_grad():

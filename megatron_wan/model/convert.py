@@ -311,7 +311,7 @@ def infer_config(source, layout: str, num_heads: int | None = None) -> WanConfig
 _CONFIG_READERS = {"diffusers": config_from_diffusers, "original": config_from_original}
 
 
-def _open(source, layout: str, overrides: dict):
+def open_source(source, layout: str, overrides: dict):
     """(source, config) from a model, a state dict, or a folder."""
     if isinstance(source, (str, Path)):
         folder = Path(source)
@@ -332,7 +332,7 @@ def _open(source, layout: str, overrides: dict):
 
 def load(model_cls, source, layout: str, overrides: dict):
     """Build `model_cls` for the checkpoint in `layout`, each TP rank loading only its slice."""
-    src, cfg = _open(source, layout, overrides)
+    src, cfg = open_source(source, layout, overrides)
     cfg = cfg.replace(perform_initialization=False, **overrides)
     model = model_cls(cfg)
     state = to_ours(src, cfg, layout, parallel.tp_rank(), parallel.tp_size())

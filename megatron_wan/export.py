@@ -1,0 +1,296 @@
+"""python -m megatron_wan.export CHECKPOINT --out DIR [--formats ...] [--base FOLDER] [--dtype bf16]
+
+A training checkpoint (Megatron engine in any TP/CP layout, or DeepSpeed ZeRO-3; LoRA or full fine-tune) in the
+formats other tools load. CHECKPOINT is a step folder, a run's checkpoints/ folder or its output dir (newest step).
+
+  transformer  DIR/transformer/: a diffusers WanTransformer3DModel folder (config.json, sharded safetensors and their
+               index). A LoRA run's adapters are merged into its base weights (model.weights of the run, or --base).
+  peft         DIR/peft/: adapter_config.json + adapter_model.safetensors (`PeftModel.from_pretrained(transformer,
+               DIR/peft)`), keys `base_model.model.blocks.0.attn1.to_q.lora_A.weight`.
+  diffusers    DIR/diffusers/pytorch_lora_weights.safetensors (`pipe.load_lora_weights(DIR/diffusers)`), keys
+               `transformer.blocks.0.attn1.to_q.lora_A.weight`, rank and alpha in the file's LoRA metadata.
+  comfyui      DIR/comfyui/lora.safetensors: original Wan module names with ComfyUI's prefix and kohya's naming,
+               `diffusion_model.blocks.0.self_attn.q.lora_down.weight`, `.lora_up.weight` and `.alpha`: what ComfyUI's
+               LoRA loader reads, and diffusers' Wan loader too.
+
+Default: the three adapter formats for a LoRA run, the transformer for a full fine-tune. Each is written under a
+temporary name and renamed when complete. DeepSpeed checkpoints are consolidated with DeepSpeed's own
+zero_to_fp32 (which unpickles its files); Megatron ones are read without pickle.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from megatron_wan import checkpointing
+from megatron_wan.engines.megatron import engine_file
+from megatron_wan.model import WanConfig, convert, preset
+
+ADAPTER_FORMATS = ("peft", "diffusers", "comfyui")
+FORMATS = ("transformer", *ADAPTER_FORMATS)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LORA_PARTS = ("lora_A", "lora_B")
+
+
+@dataclass
+class Trained:
+    """A checkpoint's trainable weights merged over TP (our names, whole shapes) and what they belong to."""
+
+    path: Path
+    step: int
+    config: dict  # the run's config
+    wan: WanConfig
+    base: object  # the base weights (a convert source), None for a randomly initialized run
+    weights: dict  # every parameter (full fine-tune) or the adapters (LoRA)
+
+    @property
+    def lora(self) -> dict | None:
+        """rank, alpha, targets of a LoRA run, else None."""
+        return self.config["lora"] if self.config["run"]["finetune"] == "lora" else None
+
+
+def find_checkpoint(path) -> Path:
+    """A step folder, else the newest complete one under `path`/checkpoints or `path`."""
+    path = Path(path)
+    if (path / "trainer.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = checkpointing.latest(root)
+        if found:
+            return found
+    raise FileNotFoundError(f"{path}: no checkpoint (expected a step folder with trainer.json, a checkpoints/ "
+                            f"folder or a run's output dir)")
+
+
+def _base(model: dict, base) -> tuple[object, WanConfig]:
+    """(weights source or None, WanConfig) of the run's model: `base`, else model.weights, else model.preset."""
+    folder = base or model["weights"]
+    if folder is None:
+        return None, preset(model["preset"])
+    if not Path(folder).exists():
+        raise FileNotFoundError(f"{folder}: the run's base model folder (model.weights) does not exist; pass the "
+                                f"base folder (--base)")
+    return convert.open_source(folder, model["layout"], {})
+
+
+def _rank_weights(path: Path, run: dict) -> list[dict]:
+    """The trainable weights of each TP rank, in rank order."""
+    if run["engine"] == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        if not (path / "engine").is_dir():
+            raise FileNotFoundError(f"{path / 'engine'}: missing (the DeepSpeed engine's checkpoint tag)")
+        return [dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag="engine", exclude_frozen_parameters=True))]
+    files = [path / engine_file(r) for r in range(run["tensor_parallel"])]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path}: run.tensor_parallel={run['tensor_parallel']} but {missing} missing")
+    return [torch.load(f, map_location="cpu", weights_only=True)["weights"] for f in files]
+
+
+def _module(key: str) -> tuple[str, str]:
+    """'blocks.0.self_attention.linear_q.lora_A.weight' -> ('blocks.0.self_attention.linear_q', 'lora_A')."""
+    module, _, part = key.removesuffix(".weight").rpartition(".")
+    if part not in LORA_PARTS or not key.endswith(".weight"):
+        raise KeyError(f"{key}: not a LoRA adapter weight (MODULE.lora_A.weight or MODULE.lora_B.weight)")
+    return module, part
+
+
+def merge_adapters(shards: list[dict], cfg: WanConfig, where: str) -> dict:
+    """Adapters of each TP rank (rank order) -> whole ones. A column-parallel base (split on its output) splits B
+    on dim 0, a row-parallel one (split on its input) A on dim 1; the other factor is replicated (see model.lora)."""
+    base_split = {p.name: p.split for p in convert.param_table(cfg)}
+    out = {}
+    for key in shards[0]:
+        module, part = _module(key)
+        if f"{module}.weight" not in base_split:
+            raise KeyError(f"{where}: adapter {key} sits on no linear layer of this model ({module}.weight)")
+        split = {("lora_B", 0): 0, ("lora_A", 1): 1}.get((part, base_split[f"{module}.weight"]))
+        parts = [s[key] for s in shards]
+        out[key] = parts[0] if split is None else torch.cat(parts, dim=split)
+    return out
+
+
+def read_checkpoint(path, base=None) -> Trained:
+    """A checkpoint's weights merged over TP; `base` replaces the run's model.weights folder (moved or relative)."""
+    path = find_checkpoint(path)
+    state = json.loads((path / "trainer.json").read_text())
+    config = state["config"]
+    source, cfg = _base(config["model"], base)
+    shards = _rank_weights(path, config["run"])
+    if config["run"]["finetune"] == "lora":
+        weights = merge_adapters(shards, cfg, str(path))
+    else:
+        missing = [p.name for p in convert.param_table(cfg) if p.name not in shards[0]]
+        if missing:
+            raise KeyError(f"{path}: {len(missing)} parameter(s) of the model missing from the engine weights: "
+                           f"{missing}")
+        weights = convert.merge_tp(shards, cfg)
+    return Trained(path, state["step"], config, cfg, source, weights)
+
+
+# -- formats ---------------------------------------------------------------------------------------
+
+def adapter_pairs(adapters: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{our module name: (A [r, in], B [out, r])}."""
+    modules = sorted({_module(k)[0] for k in adapters})
+    return {m: (adapters[f"{m}.lora_A.weight"], adapters[f"{m}.lora_B.weight"]) for m in modules}
+
+
+def module_name(module: str, layout: str) -> str:
+    """Our module name -> its name in `layout` ('diffusers' or 'original')."""
+    return convert.rename(f"{module}.weight", layout).removesuffix(".weight")
+
+
+def lora_config(trained: Trained) -> dict:
+    """peft LoraConfig arguments: rank, alpha and the (diffusers) names of the modules that carry adapters."""
+    modules = adapter_pairs(trained.weights)
+    return {"r": trained.lora["rank"], "lora_alpha": trained.lora["alpha"],
+            "target_modules": sorted(module_name(m, "diffusers") for m in modules)}
+
+
+def diffusers_adapters(adapters: dict) -> dict:
+    """Adapter weights under diffusers' WanTransformer3DModel names ('blocks.0.attn1.to_q.lora_A.weight')."""
+    return {convert.rename(k, "diffusers"): v for k, v in adapters.items()}
+
+
+def write_peft(trained: Trained, adapters: dict, folder: Path) -> None:
+    from peft import LoraConfig
+
+    LoraConfig(**lora_config(trained)).save_pretrained(str(folder))
+    tensors = {f"base_model.model.{k}": v for k, v in diffusers_adapters(adapters).items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def write_diffusers(trained: Trained, adapters: dict, folder: Path) -> None:
+    from diffusers.loaders import WanLoraLoaderMixin
+
+    WanLoraLoaderMixin.save_lora_weights(str(folder), transformer_lora_layers=diffusers_adapters(adapters),
+                                         transformer_lora_adapter_metadata=lora_config(trained))
+
+
+def write_comfyui(trained: Trained, adapters: dict, folder: Path) -> None:
+    alpha = float(trained.lora["alpha"])
+    tensors = {}
+    for module, (a, b) in adapter_pairs(adapters).items():
+        name = f"diffusion_model.{module_name(module, 'original')}"
+        tensors.update({f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b,
+                        f"{name}.alpha": torch.tensor(alpha)})
+    save_file(tensors, str(folder / "lora.safetensors"), metadata={"format": "pt"})
+
+
+def merged_weights(trained: Trained) -> dict:
+    """Our full state dict: the fine-tuned weights, or the base with W + (alpha / rank) * B @ A (in fp32)."""
+    if trained.lora is None:
+        return trained.weights
+    if trained.base is None:
+        raise ValueError(f"{trained.path}: model.weights is null (a randomly initialized base) so there are no base "
+                         f"weights to merge the adapters into; export the adapters instead")
+    layout = trained.config["model"]["layout"]
+    full = convert.to_ours(trained.base, trained.wan, layout)
+    scaling = trained.lora["alpha"] / trained.lora["rank"]
+    for module, (a, b) in adapter_pairs(trained.weights).items():
+        w = full[f"{module}.weight"]
+        full[f"{module}.weight"] = (w.float() + scaling * (b.float() @ a.float())).to(w.dtype)
+    return full
+
+
+def write_transformer(trained: Trained, dtype, folder: Path, max_shard_size) -> None:
+    from diffusers import WanTransformer3DModel
+    from huggingface_hub import save_torch_state_dict
+
+    state = convert.from_ours(merged_weights(trained), trained.wan, "diffusers")
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    with torch.device("meta"):
+        WanTransformer3DModel(**convert.config_to_diffusers(trained.wan)).save_config(str(folder))
+    save_torch_state_dict(state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                          max_shard_size=max_shard_size)
+
+
+@contextlib.contextmanager
+def _atomic_dir(final: Path):
+    """A temporary folder next to `final`, renamed to it on success (replacing it) and removed on failure."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def export(checkpoint, out, formats=None, base=None, dtype: str | None = None, max_shard_size="5GB",
+           overwrite: bool = False) -> dict[str, Path]:
+    """Write `checkpoint` to `out`/FORMAT for each of `formats` (default: the adapter formats of a LoRA run, the
+    transformer of a full fine-tune); `dtype` ('fp32', 'bf16', 'fp16') casts the written weights (default: as
+    trained, the merged transformer as its base). Returns {format: path}."""
+    trained = read_checkpoint(checkpoint, base)
+    formats = tuple(formats or (ADAPTER_FORMATS if trained.lora else ("transformer",)))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"formats: {unknown} unknown; expected some of {list(FORMATS)}")
+    if not trained.lora and set(formats) & set(ADAPTER_FORMATS):
+        raise ValueError(f"formats: {sorted(set(formats) & set(ADAPTER_FORMATS))} need LoRA adapters; "
+                         f"{trained.path} is a full fine-tune (run.finetune=full): export 'transformer'")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {list(DTYPES)}, found {dtype!r}")
+    torch_dtype = DTYPES.get(dtype)
+    out = Path(out)
+    targets = {f: out / f for f in formats}
+    existing = [str(p) for p in targets.values() if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing} exist; remove them or pass overwrite=True (--overwrite)")
+    adapters = trained.weights
+    if torch_dtype is not None and trained.lora:
+        adapters = {k: v.to(torch_dtype) for k, v in adapters.items()}
+    writers = {"peft": write_peft, "diffusers": write_diffusers, "comfyui": write_comfyui}
+    for fmt, final in targets.items():
+        with _atomic_dir(final) as tmp:
+            if fmt == "transformer":
+                write_transformer(trained, torch_dtype, tmp, max_shard_size)
+            else:
+                writers[fmt](trained, adapters, tmp)
+    run = trained.config["run"]
+    kind = f"LoRA rank {trained.lora['rank']} alpha {trained.lora['alpha']}" if trained.lora else "full fine-tune"
+    print(f"export: step {trained.step} of {trained.path} ({kind}, {run['engine']} engine, TP={run['tensor_parallel']})"
+          f" -> " + ", ".join(f"{fmt} {path}" for fmt, path in targets.items()))
+    return targets
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m megatron_wan.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a step folder, a run's checkpoints/ folder or its output dir")
+    parser.add_argument("--out", required=True, help="output folder (one sub-folder per format)")
+    parser.add_argument("--formats", help=f"comma-separated, of {','.join(FORMATS)}")
+    parser.add_argument("--base", help="the base model folder, when the run's model.weights has moved")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the written weights (default: as trained)")
+    parser.add_argument("--max-shard-size", default="5GB", help="transformer shard size (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing format folders")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict[str, Path]:
+    args = parse_args(argv)
+    try:
+        written = export(args.checkpoint, args.out, args.formats.split(",") if args.formats else None, args.base,
+                         args.dtype, args.max_shard_size, args.overwrite)
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
+        sys.exit(f"megatron_wan.export: {e.args[0] if isinstance(e, KeyError) else e}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
