@@ -1,4 +1,5 @@
-# `make test` creates .venv when missing, installs the package with its test tools, runs the suite.
+# `make demo` and `make test` create .venv when missing and install the package (with its test tools);
+# `make demo` runs the whole method on real footage (TASK=t2v|i2v), `make test` runs the suite.
 # CPU path: torch is pinned to the CPU build; an unpinned torch would pull the multi-GB CUDA build.
 # DeepSpeed ships as a source package whose build imports torch, hence --no-build-isolation.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -7,7 +8,9 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
 
-.PHONY: test lint install
+TASK ?= t2v
+
+.PHONY: demo test lint install
 
 install: $(VENV)/.installed
 
@@ -17,6 +20,10 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q $(TORCH_PIN)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[dev]' --config-settings editable_mode=compat
 	touch $@
+
+# The whole method on real footage with a tiny random Wan (no weights can be downloaded): outputs/demo/report.md
+demo: install
+	DS_ACCELERATOR=cpu $(PY) -m launch.demo --task $(TASK)
 
 test: install
 	DS_ACCELERATOR=cpu $(PY) -m pytest $(PYTEST_ARGS) tests

@@ -1,5 +1,6 @@
 """python -m megatron_wan.eval COMMAND [options]
 
+  sample  videos of a test set from the base model and checkpoints, named for VBench's custom-input mode
   rank    rank a values table (method x dimension) into the paper's points and Total_Score
   gsb     GSB scores from Good/Same/Bad annotation files
   vbench  run VBench (custom input) on folders of videos, or parse its results, and rank them
@@ -11,6 +12,7 @@ import importlib
 import sys
 
 COMMANDS = {  # CLI name -> module in megatron_wan.eval with add_arguments(parser) and run(args)
+    "sample": "sample",
     "rank": "ranking",
     "gsb": "gsb",
     "vbench": "vbench",
