@@ -100,8 +100,10 @@ class Trainer:
         if self.dataset.task != run.task:
             raise ConfigError(f"data.dir: {cfg.data.dir} holds {self.dataset.task} encodings, run.task is {run.task}")
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.sampler = BucketBatchSampler(self.dataset.shapes, run.batch_size, dp_rank=self.dp_rank,
-                                          dp_size=self.dp_size, seed=run.seed)
+        ranks = cfg.objective.pair_mode == "ranks" and cfg.objective.mode != "sft"
+        self.pair_split = 2 if ranks else 1  # pair_mode ranks: two partner ranks share each pair, one member each
+        self.sampler = BucketBatchSampler(self.dataset.shapes, run.batch_size, dp_rank=self.dp_rank // self.pair_split,
+                                          dp_size=self.dp_size // self.pair_split, seed=run.seed)
         o = cfg.objective
         self.objective = PairObjective(FlowMatching(o.shift, o.timestep_sampling, seed=run.seed), o.mode, o.beta,
                                        o.sft_weight, o.pair_mode)
@@ -154,8 +156,9 @@ class Trainer:
     def _flops(self, grid, pairs: int) -> dict:
         """FLOPs of one step of this data-parallel rank (`pairs` pairs of latent `grid`), by part."""
         lora_rank = self.cfg.lora.rank if self.cfg.run.finetune == "lora" else 0
-        return step_flops(self.wan, tuple(grid), self.cfg.data.text_len, pairs, self.cfg.objective.mode,
-                          self.cfg.objective.pair_mode, lora_rank, self.wan.recompute)
+        parts = step_flops(self.wan, tuple(grid), self.cfg.data.text_len, pairs, self.cfg.objective.mode,
+                           self.cfg.objective.pair_mode, lora_rank, self.wan.recompute)
+        return {k: v / self.pair_split for k, v in parts.items()}
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
@@ -173,7 +176,7 @@ class Trainer:
         seconds = time.perf_counter() - t0
         metrics = self._mean_over_dp(out.metrics)
         flops = self._flops(batch.win.shape[2:], len(batch.sample_ids))["total"]
-        pairs = len(batch.sample_ids) * self.dp_size
+        pairs = len(batch.sample_ids) * self.dp_size // self.pair_split
         videos = pairs * (1 if self.cfg.objective.mode == "sft" else 2)
         per_device = flops / (self.cfg.run.tensor_parallel * self.cfg.run.context_parallel) / seconds
         metrics.update(lr=lr, grad_norm=grad_norm, step_time=seconds, samples_per_s=pairs / seconds,

@@ -19,18 +19,20 @@ class SavedTensorMeter:
     """Peak and total bytes of the storages autograd keeps for backward, parameters excluded.
 
     Each distinct storage counts once while any graph node still holds it; it is released when the
-    last holder is freed (after its backward ran, or with the graph). Exact, not sampled.
+    last holder is freed (after its backward ran, or with the graph). Exact, not sampled. `exclude`d
+    tensors are recognized by storage and by identity (ZeRO-3 gathers a parameter into a new storage).
     """
 
     def __init__(self, exclude=()):
         self.exclude = {p.untyped_storage().data_ptr() for p in exclude}
+        self.exclude_ids = {id(p) for p in exclude}
         self.live: dict[int, list] = {}  # storage ptr -> [bytes, holders]
         self.current = self.peak = self.total = 0
 
     def _pack(self, t):
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr in self.exclude or t.device.type == "meta":
+        if ptr in self.exclude or id(t) in self.exclude_ids or t.device.type == "meta":
             return t
         entry = self.live.setdefault(ptr, [storage.nbytes(), 0])
         if entry[1] == 0:

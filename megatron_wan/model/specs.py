@@ -13,6 +13,34 @@ from megatron_wan.model.layers import WanAttention, WanAttentionSubmodules, WanB
 from megatron_wan.model.norms import FP32LayerNorm, HeadRMSNorm
 
 
+def _bias_in_output_dtype(linear: type) -> type:
+    """`linear` with its bias added in the dtype of the matmul's output.
+
+    megatron-core adds the (fp32) bias to the matmul output as is, so under bf16 autocast every output would be
+    promoted to fp32, and with it the residual stream, the MLP's hidden activations and what is saved for backward.
+    torch's nn.Linear (and diffusers' Wan) keep the autocast dtype; so do these. Without autocast nothing changes.
+    """
+
+    class Linear(linear):
+        def __init__(self, *args, skip_bias_add: bool = False, **kwargs):
+            super().__init__(*args, skip_bias_add=True, **kwargs)
+            self.add_bias = not skip_bias_add
+
+        def forward(self, x, *args, **kwargs):
+            out, bias = super().forward(x, *args, **kwargs)
+            if bias is None:
+                return out, None
+            bias = bias.to(out.dtype)
+            return (out + bias, None) if self.add_bias else (out, bias)
+
+    Linear.__name__ = Linear.__qualname__ = linear.__name__
+    return Linear
+
+
+LocalColumnLinear = _bias_in_output_dtype(ColumnParallelLinear)
+LocalRowLinear = _bias_in_output_dtype(RowParallelLinear)
+
+
 def _block_spec(column, row, cross_norm) -> ModuleSpec:
     attention = ModuleSpec(
         module=WanAttention,
@@ -34,8 +62,8 @@ def _block_spec(column, row, cross_norm) -> ModuleSpec:
 
 
 def local_block_spec() -> ModuleSpec:
-    """megatron-core ColumnParallelLinear / RowParallelLinear, torch norms (runs on CPU and GPU)."""
-    return _block_spec(ColumnParallelLinear, RowParallelLinear, FP32LayerNorm)
+    """megatron-core ColumnParallelLinear / RowParallelLinear (bias in the output dtype), torch norms (CPU and GPU)."""
+    return _block_spec(LocalColumnLinear, LocalRowLinear, FP32LayerNorm)
 
 
 def te_block_spec() -> ModuleSpec:

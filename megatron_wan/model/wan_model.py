@@ -78,8 +78,10 @@ class WanModel(MegatronModule):
             raise ValueError("WanModel clip_emb: this is a T2V model; it takes no CLIP image tokens")
         dtype = self.text_embedding.linear_1.weight.dtype
         temb, t_mod = self.time(timestep)
-        context = self.text_embedding(text_emb.to(dtype)).transpose(0, 1)
-        image = self.image_embedding(clip_emb.to(dtype)).transpose(0, 1) if cfg.is_i2v else None
+        # contiguous: with several samples a transposed [L, B, dim] is not foldable to 2D, and torch.matmul inside
+        # megatron-core's linear then runs a batched matmul over a weight expanded L times
+        context = self.text_embedding(text_emb.to(dtype)).transpose(0, 1).contiguous()
+        image = self.image_embedding(clip_emb.to(dtype)).transpose(0, 1).contiguous() if cfg.is_i2v else None
         return temb, t_mod, context, image
 
     def run_blocks(self, tokens, context, image, t_mod, rope, shard=None):
