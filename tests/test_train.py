@@ -195,3 +195,15 @@ def test_stability_experiment_runs_both_objectives(models, encoded, tmp_path):
     dpo = metrics(tmp_path / "dpo")
     assert len(dpo) == 4 and all(r["r"] == 0 for r in dpo)  # vanilla DPO: no SFT term
     assert all(r["r"] == r["dgr"] for r in metrics(tmp_path / "regdpo"))
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("wan2.1-*.yaml")), ids=lambda p: p.stem)
+def test_paper_recipes_are_appendix_a7(recipe):
+    """8 x H100, per-GPU batch 1, CP 4, AdamW 5e-6, LoRA 16/32, beta 500, r = DGR (Reg-DPO), checkpoints every 300."""
+    cfg = load_config(recipe)
+    validate(cfg, 8)
+    assert (cfg.run.context_parallel, cfg.run.batch_size, cfg.optim.lr, cfg.run.save_every) == (4, 1, 5e-6, 300)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.objective.beta) == (16, 32, 500)
+    assert cfg.objective.mode in recipe.stem
+    assert cfg.objective.sft_weight == {"regdpo": "dgr", "dpo": 0, "sft": cfg.objective.sft_weight}[cfg.objective.mode]
+    assert cfg.run.task == ("i2v" if "i2v" in recipe.stem else "t2v")
