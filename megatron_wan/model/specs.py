@@ -4,7 +4,8 @@ attention) and a Transformer Engine provider, chosen once at start-up."""
 import importlib.util
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, copy_to_tensor_model_parallel_region
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -13,32 +14,39 @@ from megatron_wan.model.layers import WanAttention, WanAttentionSubmodules, WanB
 from megatron_wan.model.norms import FP32LayerNorm, HeadRMSNorm
 
 
-def _bias_in_output_dtype(linear: type) -> type:
-    """`linear` with its bias added in the dtype of the matmul's output.
+class LocalColumnLinear(ColumnParallelLinear):
+    """ColumnParallelLinear computed by torch's F.linear: the bias fused into the matmul and, under autocast, in the
+    autocast dtype (megatron-core adds the fp32 bias after the matmul, which promotes every output, the residual
+    stream and what is saved for backward to fp32). The bias is always added: a caller asking for skip_bias_add
+    gets None in its place, which megatron-core's MLP handles."""
 
-    megatron-core adds the (fp32) bias to the matmul output as is, so under bf16 autocast every output would be
-    promoted to fp32, and with it the residual stream, the MLP's hidden activations and what is saved for backward.
-    torch's nn.Linear (and diffusers' Wan) keep the autocast dtype; so do these. Without autocast nothing changes.
-    """
+    def __init__(self, *args, skip_bias_add: bool = False, **kwargs):
+        super().__init__(*args, skip_bias_add=False, **kwargs)
 
-    class Linear(linear):
-        def __init__(self, *args, skip_bias_add: bool = False, **kwargs):
-            super().__init__(*args, skip_bias_add=True, **kwargs)
-            self.add_bias = not skip_bias_add
-
-        def forward(self, x, *args, **kwargs):
-            out, bias = super().forward(x, *args, **kwargs)
-            if bias is None:
-                return out, None
-            bias = bias.to(out.dtype)
-            return (out + bias, None) if self.add_bias else (out, bias)
-
-    Linear.__name__ = Linear.__qualname__ = linear.__name__
-    return Linear
+    def _forward_impl(self, input, weight, bias=None, allreduce_dgrad=False, tp_group=None, **_):
+        if allreduce_dgrad:  # the input gradient sums over the TP ranks
+            input = copy_to_tensor_model_parallel_region(input, group=tp_group)
+        return F.linear(input, weight, bias)
 
 
-LocalColumnLinear = _bias_in_output_dtype(ColumnParallelLinear)
-LocalRowLinear = _bias_in_output_dtype(RowParallelLinear)
+class LocalRowLinear(RowParallelLinear):
+    """RowParallelLinear computed by F.linear, its bias added after the TP reduction in the output's dtype; without
+    TP (nothing to reduce) fused into the matmul and always added, as LocalColumnLinear does."""
+
+    def __init__(self, *args, skip_bias_add: bool = False, **kwargs):
+        super().__init__(*args, skip_bias_add=True, **kwargs)
+        self.add_bias = not skip_bias_add
+        self.fuse_bias = self.tp_group.size() == 1
+
+    def _forward_impl(self, input, weight, **_):
+        return F.linear(input, weight, self.bias if self.fuse_bias else None)
+
+    def forward(self, input_):
+        out, bias = super().forward(input_)
+        if bias is None or self.fuse_bias:
+            return out, None
+        bias = bias.to(out.dtype)
+        return (out + bias, None) if self.add_bias else (out, bias)
 
 
 def _block_spec(column, row, cross_norm) -> ModuleSpec:
@@ -62,7 +70,7 @@ def _block_spec(column, row, cross_norm) -> ModuleSpec:
 
 
 def local_block_spec() -> ModuleSpec:
-    """megatron-core ColumnParallelLinear / RowParallelLinear (bias in the output dtype), torch norms (CPU and GPU)."""
+    """megatron-core's Column/RowParallelLinear computed by F.linear, torch norms (runs on CPU and GPU)."""
     return _block_spec(LocalColumnLinear, LocalRowLinear, FP32LayerNorm)
 
 

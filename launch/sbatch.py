@@ -1,0 +1,177 @@
+"""SLURM batch scripts rendered from launch/slurm/*.sbatch and a cluster config, and their submission.
+
+A template holds `{{name}}` fields; every field it names must be given (else an error naming the template and the
+field). The `#SBATCH` lines of the job (`{{directives}}`), the environment set-up (a venv, or a pyxis/enroot
+container for srun) and the shell-quoting of paths and arguments are made here.
+"""
+
+import datetime
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megatron_wan.config import ConfigError, _build
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATES = Path(__file__).resolve().parent / "slurm"
+GPU_STAGES = ("encode", "generate")  # data_tools stages that run a model
+
+
+@dataclass
+class Cluster:
+    """Where and how jobs run; a YAML file of these keys (launch/cluster.example.yaml) and/or command-line flags."""
+
+    nodes: int = 1  # train: nodes of the job (one srun task per node)
+    gpus_per_node: int = 8  # train and bench: GPUs per node; array jobs take one GPU per task where they need one
+    cpus_per_task: int = 16  # CPU cores per srun task (train: per node)
+    partition: str | None = None
+    account: str | None = None
+    time: str = "24:00:00"  # the job's (or each array task's) time limit
+    container_image: str | None = None  # pyxis/enroot image: srun --container-image
+    container_mounts: str | None = None  # more srun --container-mounts (workdir is mounted), e.g. /data:/data
+    venv: str | None = None  # a virtual environment to activate (instead of a container)
+    workdir: str = str(REPO)  # the checkout the job runs in
+    log_dir: str = "logs"  # relative to workdir: SLURM output, per-restart logs, rendered scripts
+    job_name: str | None = None  # default: the kind (and the stage)
+    max_restarts: int = 20  # train: requeues after a signal before giving up
+    array_parallel: int | None = None  # array jobs: at most this many tasks at once
+    sbatch_extra: list = field(default_factory=list)  # further #SBATCH options, e.g. ["--qos=high"]
+    env: dict = field(default_factory=dict)  # environment variables exported in the job
+
+    def check(self) -> None:
+        for key, least in (("nodes", 1), ("gpus_per_node", 1), ("cpus_per_task", 1), ("max_restarts", 0)):
+            if getattr(self, key) < least:
+                raise ConfigError(f"{key}: expected >= {least}, found {getattr(self, key)}")
+        if self.container_image and self.venv:
+            raise ConfigError("container_image and venv: give one of them (the container brings its environment)")
+
+
+def load_cluster(path=None, overrides: dict | None = None) -> Cluster:
+    """The Cluster of YAML `path` (or the defaults) with `overrides` ({key: value}, None values ignored)."""
+    values = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        cluster = _build(Cluster, values, "")
+        cluster.check()
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'cluster settings'}: {e}") from None
+    return cluster
+
+
+def fill(template: Path, fields: dict) -> str:
+    """`template` with each `{{name}}` replaced by fields[name]."""
+    text = template.read_text(encoding="utf-8")
+    missing = sorted({m for m in re.findall(r"{{(\w+)}}", text) if m not in fields})
+    if missing:
+        raise KeyError(f"{template}: no value for field(s) {missing}")
+    return re.sub(r"{{(\w+)}}", lambda m: str(fields[m.group(1)]), text)
+
+
+def quoted_args(args) -> str:
+    """Arguments as one shell-quoted string with a leading space each ("" for none)."""
+    return "".join(" " + shlex.quote(str(a)) for a in args)
+
+
+def _directives(c: Cluster, name: str, *, nodes: int = 1, gpus: str | None = None, array: int | None = None) -> str:
+    log = f"{c.log_dir}/%x-%A_%a.out" if array else f"{c.log_dir}/%x-%j.out"
+    options = [f"--job-name={name}", f"--chdir={c.workdir}", f"--nodes={nodes}", f"--cpus-per-task={c.cpus_per_task}",
+               f"--time={c.time}", f"--output={log}"]
+    options += [f"--partition={c.partition}"] if c.partition else []
+    options += [f"--account={c.account}"] if c.account else []
+    options += [gpus] if gpus else []
+    if array:
+        options.append(f"--array=0-{array - 1}" + (f"%{c.array_parallel}" if c.array_parallel else ""))
+    options += list(c.sbatch_extra)
+    return "\n".join(f"#SBATCH {o}" for o in options)
+
+
+def _environment(c: Cluster) -> dict:
+    """Fields shared by every template: workdir, set-up, srun's container options, exports, log dir."""
+    if c.container_image:  # the checkout is mounted at its own path: configs and outputs have one name everywhere
+        mounts = ",".join([f"{c.workdir}:{c.workdir}", *([c.container_mounts] if c.container_mounts else [])])
+        srun = [f"--container-image={c.container_image}", f"--container-mounts={mounts}",
+                f"--container-workdir={c.workdir}"]
+        setup = f"# environment: the container {c.container_image} (pyxis), entered by srun"
+    elif c.venv:
+        srun, setup = [], f"source {shlex.quote(str(Path(c.venv) / 'bin' / 'activate'))}"
+    else:
+        srun, setup = [], "# environment: the one sbatch was called from"
+    exports = "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in c.env.items())
+    return {"workdir": shlex.quote(c.workdir), "setup": setup, "srun_args": "".join(a + " " for a in srun),
+            "env": exports, "log_dir": shlex.quote(c.log_dir), "threads_per_rank": c.cpus_per_task}
+
+
+def render_train(c: Cluster, config: str, overrides=()) -> str:
+    """train.sbatch for the run config `config` with `overrides`, checked as megatron_wan.train would check them."""
+    from megatron_wan.config import load_config, validate
+
+    cfg = load_config(config, overrides)
+    try:
+        validate(cfg, c.nodes * c.gpus_per_node)
+    except ConfigError as e:
+        raise ConfigError(f"{config} on nodes x gpus_per_node = {c.nodes} x {c.gpus_per_node}: {e}") from None
+    if not cfg.run.resume:
+        raise ConfigError("run.resume: false would make every requeued start begin again; use true under SLURM")
+    gpus = f"--gpus-per-node={c.gpus_per_node}"
+    fields = {"directives": _directives(c, c.job_name or "train", nodes=c.nodes, gpus=gpus),
+              "gpus_per_node": c.gpus_per_node, "config": shlex.quote(config), "overrides": quoted_args(overrides),
+              "output_dir": shlex.quote(cfg.run.output_dir), "max_restarts": c.max_restarts,
+              **_environment(c), "threads_per_rank": max(1, c.cpus_per_task // c.gpus_per_node)}
+    return fill(TEMPLATES / "train.sbatch", fields)
+
+
+def render_array(c: Cluster, stage: str, input_path: str, output: str, shards: int, workers: int = 1,
+                 stage_args=()) -> str:
+    """preprocess.sbatch (any data_tools stage) or, for `generate`, generate.sbatch: an array of `shards` tasks."""
+    from data_tools.__main__ import STAGES
+
+    if stage not in STAGES:
+        raise ConfigError(f"stage: expected one of {list(STAGES)}, found {stage!r}")
+    if shards < 1:
+        raise ConfigError(f"shards: expected >= 1, found {shards}")
+    template = "generate.sbatch" if stage == "generate" else "preprocess.sbatch"
+    gpus = "--gpus=1" if stage in GPU_STAGES else None
+    fields = {"directives": _directives(c, c.job_name or f"data-{stage}", gpus=gpus, array=shards), "stage": stage,
+              "input": shlex.quote(input_path), "output": shlex.quote(output), "shards": shards, "workers": workers,
+              "stage_args": quoted_args(stage_args), **_environment(c)}
+    return fill(TEMPLATES / template, fields)
+
+
+def render_bench(c: Cluster, suite: str, suite_args=()) -> str:
+    """bench.sbatch: `python -m megatron_wan.bench SUITE ARGS` on one node."""
+    from megatron_wan.bench.__main__ import SUITES
+
+    if suite not in SUITES:
+        raise ConfigError(f"suite: expected one of {list(SUITES)}, found {suite!r}")
+    gpus = f"--gpus-per-node={c.gpus_per_node}"
+    fields = {"directives": _directives(c, c.job_name or f"bench-{suite}", gpus=gpus),
+              "suite": suite, "suite_args": quoted_args(suite_args), **_environment(c)}
+    return fill(TEMPLATES / "bench.sbatch", fields)
+
+
+def script_path(c: Cluster, kind: str) -> Path:
+    """Where a submitted script is kept: LOG_DIR/sbatch/KIND-TIMESTAMP.sbatch (under workdir)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(c.workdir) / c.log_dir / "sbatch" / f"{kind}-{stamp}.sbatch"
+
+
+def submit(script: str, path: Path) -> str:
+    """Write `script` to `path` and submit it with sbatch; returns the job id."""
+    if shutil.which("sbatch") is None:
+        raise FileNotFoundError("sbatch is not on PATH: submit from a SLURM login node, or use --dry-run")
+    path.parent.mkdir(parents=True, exist_ok=True)  # also LOG_DIR, where SLURM writes the job's output
+    path.write_text(script)
+    done = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"sbatch {path} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout.strip()

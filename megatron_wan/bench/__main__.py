@@ -1,0 +1,30 @@
+"""python -m megatron_wan.bench SUITE [options]: one entry for the benchmarks (`SUITE --help` for each).
+
+    sweep              training setups side by side (engine, pair_mode, CP, recompute, reference): table + chart
+    mfu                MFU of a compute-bound step in fp32 and bf16, ours vs diffusers' WanTransformer3DModel
+    plan               memory and throughput planner for the real presets on H100 / H200
+    activation_memory  bytes saved for backward per rank under CP 1/2/4; ring vs Ulysses step time
+    pair_modes         sequential vs batched pairs, Reg-DPO vs SFT step cost
+    shard_read         random-access reads of our shards vs a folder of torch.save files
+    stability          vanilla DPO vs Reg-DPO training curves (needs a tiny model folder and its encoded data)
+"""
+
+import importlib
+import sys
+
+SUITES = ("sweep", "mfu", "plan", "activation_memory", "pair_modes", "shard_read", "stability")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return None
+    suite, rest = argv[0].replace("-", "_"), argv[1:]
+    if suite not in SUITES:
+        sys.exit(f"python -m megatron_wan.bench: unknown suite {argv[0]!r}; expected one of {', '.join(SUITES)}")
+    return importlib.import_module(f"megatron_wan.bench.{suite}").main(rest)
+
+
+if __name__ == "__main__":
+    main()
