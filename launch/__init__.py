@@ -1,1 +1,1 @@
-"""Launch helpers: run megatron_wan jobs on local processes (and, later, SLURM)."""
+"""Launching megatron_wan jobs: SLURM batch scripts (`python -m launch`), local processes, and `make demo`."""
