@@ -30,10 +30,9 @@ from tqdm import tqdm
 from data_tools.media import read_frames
 from data_tools.stage import Reject, input_records, read_journal, write_jsonl
 from megatron_wan.data.shards import ShardReader, ShardWriter, file_sha256
-from megatron_wan.encoders import WanEncoders
+from megatron_wan.encoders import DTYPES, WanEncoders
 
 LIMIT = 1e3
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def distinct_videos(pairs: list[dict], task: str) -> list[dict]:
@@ -216,14 +215,19 @@ def assemble(out: Path, pairs: list[dict], encoding: dict) -> dict:
     return manifest
 
 
+def add_device_arguments(parser) -> None:
+    """--device and --no-offload, shared by the stages that run models."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-offload", dest="offload", action="store_false",
+                        help="keep every encoder on the device (default: each visits it only while it runs)")
+
+
 def add_arguments(parser) -> None:
     parser.description = __doc__
     parser.add_argument("--model", required=True, help="Wan 2.1 folder in diffusers layout")
     parser.add_argument("--task", choices=("t2v", "i2v"), help="default: i2v when the folder has an image_encoder")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="encoders' and stored dtype")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-offload", dest="offload", action="store_false",
-                        help="keep every encoder on the device (default: each visits it only while it runs)")
+    add_device_arguments(parser)
     parser.add_argument("--sample-posterior", action="store_true", help="sample the VAE posterior (seeded per video)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-shard", type=int, default=64)

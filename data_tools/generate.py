@@ -28,10 +28,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data_tools.encode import DTYPES
+from data_tools.encode import add_device_arguments
 from data_tools.media import video_metadata
 from data_tools.normalize import add_spec_arguments
 from data_tools.stage import Reject, atomic_path, input_records, read_journal, write_jsonl
+from megatron_wan.encoders import DTYPES
 from megatron_wan.sampling import FPS, SOLVERS, WAN_NEGATIVE_PROMPT, SamplingConfig, WanSampler, save_video
 
 
@@ -106,9 +107,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32",
                         help="the DiT's dtype (default: bf16 on a GPU, as Wan 2.1 samples)")
     parser.add_argument("--encoder-dtype", choices=sorted(DTYPES), default="fp32", help="umT5's, the VAE's, CLIP's")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-offload", dest="offload", action="store_false",
-                        help="keep every encoder on the device (default: each visits it only while it runs)")
+    add_device_arguments(parser)
     add_spec_arguments(parser)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from megatron_wan.config import ConfigError, _build
+from megatron_wan.config import ConfigError, build_dataclass
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = Path(__file__).resolve().parent / "slurm"
@@ -61,7 +61,7 @@ def load_cluster(path=None, overrides: dict | None = None) -> Cluster:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
-        cluster = _build(Cluster, values, "")
+        cluster = build_dataclass(Cluster, values, "")
         cluster.check()
     except ConfigError as e:
         raise ConfigError(f"{path or 'cluster settings'}: {e}") from None

@@ -152,7 +152,8 @@ def _check_type(key: str, value, hint):
     return value
 
 
-def _build(cls, values, prefix: str):
+def build_dataclass(cls, values, prefix: str):
+    """`cls` from a nested mapping, every key and type checked; errors name the key (`prefix` + name)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, found {type(values).__name__}")
     hints = typing.get_type_hints(cls)
@@ -167,7 +168,7 @@ def _build(cls, values, prefix: str):
         inner = [t for t in typing.get_args(hint) if dataclasses.is_dataclass(t)]
         target = hint if dataclasses.is_dataclass(hint) else (inner[0] if inner else None)
         if target is not None and value is not None:
-            kwargs[name] = _build(target, value, key + ".")
+            kwargs[name] = build_dataclass(target, value, key + ".")
         else:
             kwargs[name] = _check_type(key, value, hint)
     return cls(**kwargs)
@@ -197,7 +198,7 @@ def load_config(path=None, overrides=()) -> Config:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         key, raw = item.split("=", 1)
         _merge(values, key.strip(), yaml.safe_load(raw))
-    cfg = _build(Config, values, "")
+    cfg = build_dataclass(Config, values, "")
     validate(cfg)
     return cfg
 

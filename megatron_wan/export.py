@@ -31,12 +31,12 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_wan import checkpointing
+from megatron_wan.encoders import DTYPES
 from megatron_wan.engines.megatron import engine_file
 from megatron_wan.model import WanConfig, convert, preset
 
 ADAPTER_FORMATS = ("peft", "diffusers", "comfyui")
 FORMATS = ("transformer", *ADAPTER_FORMATS)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LORA_PARTS = ("lora_A", "lora_B")
 
 

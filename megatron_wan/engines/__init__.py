@@ -11,6 +11,14 @@ An engine owns the optimizer and the gradient reduction. Its contract:
 """
 
 
+def make_optimizer(cfg, params):
+    """AdamW over `params` with `cfg.optim`'s settings (the same in both engines)."""
+    import torch
+
+    o = cfg.optim
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
 def build_engine(cfg, model):
     """The engine named by `cfg.run.engine` around `model`."""
     if cfg.run.engine == "deepspeed":

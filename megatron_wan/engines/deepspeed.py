@@ -13,6 +13,8 @@ import math
 import torch
 from megatron.core import parallel_state as ps
 
+from megatron_wan.engines import make_optimizer
+
 
 def deepspeed_config(cfg) -> dict:
     """DeepSpeed's JSON config for our run config (or the user's file when `deepspeed.config` is set)."""
@@ -42,8 +44,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         params = [p for p in model.parameters() if p.requires_grad]
-        o = cfg.optim
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        optimizer = make_optimizer(cfg, params)
         self.config = deepspeed_config(cfg)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params,
                                                                 optimizer=optimizer, config=self.config)

@@ -13,6 +13,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from megatron_wan.engines import make_optimizer
+
 
 def engine_file(tp_rank: int) -> str:
     """The checkpoint file of one TP rank's trainable weights and optimizer state."""
@@ -25,10 +27,8 @@ class MegatronEngine:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("no trainable parameters (finetune: lora with no matching targets?)")
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                           weight_decay=o.weight_decay)
-        self.grad_clip = o.grad_clip
+        self.optimizer = make_optimizer(cfg, self.params)
+        self.grad_clip = cfg.optim.grad_clip
         self.cp = ps.get_context_parallel_world_size()
         self.group = ps.get_data_parallel_group(with_context_parallel=True)
         self.tp_group = ps.get_tensor_model_parallel_group()
