@@ -1,12 +1,16 @@
 """Core (softmax) attention behind one interface: torch sdpa, flash-attn or Transformer Engine.
 
 All take q [s_q, b, n, d], k and v [s_k, b, n, d] (sequence-first, local heads) and return
-[s_q, b, n * d]. The backend is chosen once at start-up; `auto` picks the best one present.
-Self-attention under context parallelism also takes the rank's FrameShard and attends across the
+[s_q, b, n * d]. The backend is chosen once at start-up; `auto` picks the best one that is present and
+has passed `python -m megatron_wan.bench gpu_check` on a GPU (VERIFIED_ON_GPU; until then: sdpa). Each
+call then runs the chosen kernel only where it can: flash-attn and TE take fp16/bf16 CUDA tensors (TE
+would fall back to an unfused path that materializes the score matrix), so other calls run sdpa, said
+once. Self-attention under context parallelism also takes the rank's FrameShard and attends across the
 CP group (`cp_comm`, see parallel/context_parallel.py).
 """
 
 import importlib.util
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -15,13 +19,21 @@ from torch import nn
 
 from megatron_wan import parallel
 from megatron_wan.parallel.context_parallel import (
+    HALF,
     FrameShard,
     check_ulysses_heads,
+    cp_comm_for_call,
+    kernel_heads,
+    resolve_cp_comm,
     ring_attention,
     ulysses_attention,
 )
 
 _PACKAGES = {"flash": ("flash_attn", "flash-attn"), "te": ("transformer_engine", "transformer-engine")}
+
+# What has passed `python -m megatron_wan.bench gpu_check` on a GPU (README, "First run on GPUs"): `auto` picks
+# only these. Empty until a GPU run is recorded: on CUDA, auto means megatron-core linears and torch SDPA.
+VERIFIED_ON_GPU = {"attention_backend": (), "layer_provider": (), "cp_comm": ()}
 
 
 def _usable(backend: str) -> bool:
@@ -29,10 +41,12 @@ def _usable(backend: str) -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec(module) is not None
 
 
-def resolve_backend(name: str) -> str:
-    """`auto` -> te, then flash, then sdpa, whichever is usable first; an absent one asked for is an error."""
+def resolve_backend(name: str, verified=None) -> str:
+    """`auto` -> te, then flash, whichever is usable and in `verified` (default: VERIFIED_ON_GPU's), else sdpa;
+    an absent one asked for is an error."""
+    verified = VERIFIED_ON_GPU["attention_backend"] if verified is None else verified
     if name == "auto":
-        return next((b for b in ("te", "flash") if _usable(b)), "sdpa")
+        return next((b for b in ("te", "flash") if b in verified and _usable(b)), "sdpa")
     if name == "sdpa":
         return name
     if name not in _PACKAGES:
@@ -48,14 +62,22 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def resolve_cp_comm(name: str, backend: str) -> str:
-    """`auto` -> te when the attention backend is Transformer Engine, else ring."""
-    if name == "auto":
-        return "te" if backend == "te" else "ring"
-    if name == "te" and backend != "te":
-        raise ValueError(f"cp_comm='te' is Transformer Engine's own context parallelism; it needs "
-                         f"attention_backend='te', found {backend!r} (use ring or ulysses)")
-    return name
+def kernel_for_call(backend: str, dtype: torch.dtype, device_type: str) -> str:
+    """The kernel one call runs: flash-attn and TE only on fp16/bf16 CUDA tensors (flash-attn raises on others,
+    TE falls back to its unfused path, which holds the whole score matrix), sdpa otherwise."""
+    if backend in ("flash", "te") and (device_type != "cuda" or dtype not in HALF):
+        return "sdpa"
+    return backend
+
+
+_SAID = set()
+
+
+def _say_once(backend: str, dtype: torch.dtype, device_type: str) -> None:
+    if (backend, dtype, device_type) not in _SAID:
+        _SAID.add((backend, dtype, device_type))
+        warnings.warn(f"attention_backend={backend!r} takes fp16/bf16 CUDA tensors; {dtype} on {device_type} "
+                      f"runs torch sdpa instead", stacklevel=3)
 
 
 class CoreAttention(nn.Module):
@@ -67,15 +89,20 @@ class CoreAttention(nn.Module):
     def __init__(self, backend: str, num_local_heads: int, head_dim: int, cp_comm: str | None = None):
         super().__init__()
         self.backend = resolve_backend(backend)
-        self.cp_comm = None if cp_comm is None else resolve_cp_comm(cp_comm, self.backend)
+        self.head_dim = head_dim
+        self.requested_cp_comm = cp_comm
+        verified = VERIFIED_ON_GPU["cp_comm"]
+        self.cp_comm = None if cp_comm is None else resolve_cp_comm(cp_comm, self.backend, verified)
         cp = parallel.cp_size()
         if cp > 1 and self.cp_comm == "ulysses":
             check_ulysses_heads(num_local_heads, cp)
         if self.backend == "te":
             from transformer_engine.pytorch import DotProductAttention
 
+            # the heads this kernel is handed: after Ulysses' all-to-all, num_local_heads / cp
             self.te_attention = DotProductAttention(
-                num_local_heads, head_dim, attn_mask_type="no_mask", qkv_format="sbhd", attention_dropout=0.0
+                kernel_heads(num_local_heads, cp, self.cp_comm), head_dim, attn_mask_type="no_mask",
+                qkv_format="sbhd", attention_dropout=0.0,
             )
             if cp > 1 and self.cp_comm == "te":
                 group = parallel.cp_group()
@@ -87,20 +114,21 @@ class CoreAttention(nn.Module):
         """Attention of q over k, v; with a CP `shard` (self-attention) over the keys of the whole video."""
         if shard is None or shard.size == 1:
             return self._attend(q, k, v)
-        if self.cp_comm == "ring":
+        comm = cp_comm_for_call(self.cp_comm, self.requested_cp_comm, shard, self.head_dim, q.dtype)
+        if comm == "ring":
             return ring_attention(q, k, v, shard)
-        if self.cp_comm == "ulysses":
+        if comm == "ulysses":
             return ulysses_attention(q, k, v, shard, self._attend)
-        if shard.padded:  # te: its CP has no notion of our tail padding
-            raise ValueError(f"cp_comm='te' needs the token frames ({shard.grid[0]}) divisible by "
-                             f"context_parallel={shard.size}; use cp_comm=ring or ulysses for this video length")
         return self._attend(q, k, v)  # Transformer Engine exchanges K/V over the CP group itself
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s, b = q.shape[:2]
-        if self.backend == "te":
+        kernel = kernel_for_call(self.backend, q.dtype, q.device.type)
+        if kernel != self.backend:
+            _say_once(self.backend, q.dtype, q.device.type)
+        if kernel == "te":
             return self.te_attention(q, k, v).reshape(s, b, -1)
-        if self.backend == "flash":
+        if kernel == "flash":
             from flash_attn import flash_attn_func
 
             out = flash_attn_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))

@@ -220,9 +220,20 @@ def merge_tp(shards: list[Mapping[str, torch.Tensor]], cfg: WanConfig) -> dict:
     return out
 
 
+def _unread(keys, cfg: WanConfig) -> list[str]:
+    """Keys of our state dict that the conversion table of `cfg` does not hold (TE's `_extra_state` aside)."""
+    known = {p.name for p in param_table(cfg)}
+    return sorted(k for k in keys if k not in known and not k.endswith("_extra_state"))
+
+
 def from_ours(shards, cfg: WanConfig, layout: str) -> dict:
-    """Our state dict (or one per TP rank, in rank order) -> the full state dict in `layout`."""
-    full = merge_tp(shards if isinstance(shards, (list, tuple)) else [shards], cfg)
+    """Our state dict (or one per TP rank, in rank order) -> the full state dict in `layout`; a key the table does
+    not hold (it would be dropped) is refused by name."""
+    shards = list(shards) if isinstance(shards, (list, tuple)) else [shards]
+    unread = sorted({k for s in shards for k in _unread(s, cfg)})
+    if unread:
+        raise KeyError(f"{len(unread)} WanModel key(s) with no {layout} name in the conversion table: {unread}")
+    full = merge_tp(shards, cfg)
     return {rename(k, layout): v for k, v in full.items()}
 
 
@@ -341,4 +352,7 @@ def load(model_cls, source, layout: str, overrides: dict):
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing:
         raise KeyError(f"{src.where}: parameters of WanModel not covered by the conversion table: {missing}")
+    if result.unexpected_keys:  # converted weights this WanModel has no parameter for: they would be dropped
+        raise KeyError(f"{src.where}: converted weights that WanModel (layer_provider={cfg.layer_provider!r}) has "
+                       f"no parameter for: {sorted(result.unexpected_keys)}")
     return model

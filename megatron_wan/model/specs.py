@@ -1,6 +1,7 @@
 """ModuleSpecs of the Wan block: a local provider (megatron-core parallel linears, torch norms, our core
 attention) and a Transformer Engine provider, chosen once at start-up."""
 
+import functools
 import importlib.util
 
 import torch
@@ -9,7 +10,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_wan.model.attention import CoreAttention
+from megatron_wan.model.attention import VERIFIED_ON_GPU, CoreAttention
 from megatron_wan.model.layers import WanAttention, WanAttentionSubmodules, WanBlock, WanBlockSubmodules
 from megatron_wan.model.norms import FP32LayerNorm, HeadRMSNorm
 
@@ -74,30 +75,57 @@ def local_block_spec() -> ModuleSpec:
     return _block_spec(LocalColumnLinear, LocalRowLinear, FP32LayerNorm)
 
 
-def te_block_spec() -> ModuleSpec:
-    """Transformer Engine linears and LayerNorm (CUDA only). The q/k norms stay ours: under TP they
-    must see the whole vector across ranks, which TE's norms do not do."""
+def te_classes() -> tuple[type, type, type]:
+    """(TEColumnParallelLinear, TERowParallelLinear, transformer_engine.pytorch.LayerNorm) (CUDA only)."""
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
     from transformer_engine.pytorch import LayerNorm
 
-    def te_layer_norm(dim, eps, elementwise_affine=True):
-        return LayerNorm(dim, eps=eps)
+    return TEColumnParallelLinear, TERowParallelLinear, LayerNorm
 
-    return _block_spec(TEColumnParallelLinear, TERowParallelLinear, te_layer_norm)
+
+@functools.cache
+def te_layer_norm_class(base: type) -> type:
+    """A module class over TE's LayerNorm `base` taking the block's (dim, eps, elementwise_affine) arguments.
+
+    megatron-core's build_module returns a plain function uncalled, so a spec entry must be a class. TE's
+    LayerNorm(normalized_shape, eps, ..., device, dtype) always holds `weight` and `bias` (the names the
+    checkpoint conversion expects). Like the block's other torch modules it is built on the default device (TE's own
+    default is CUDA) and moves with the model."""
+
+    class TELayerNorm(base):
+        def __init__(self, dim: int, eps: float, elementwise_affine: bool = True):
+            if not elementwise_affine:
+                raise ValueError("TE LayerNorm always has weight and bias; use it for affine norms only")
+            super().__init__(dim, eps=eps, device=torch.get_default_device())
+
+    TELayerNorm.__qualname__ = TELayerNorm.__name__ = f"TELayerNorm[{base.__name__}]"
+    return TELayerNorm
+
+
+def te_block_spec() -> ModuleSpec:
+    """Transformer Engine linears and LayerNorm (CUDA only). The q/k norms stay ours: under TP they
+    must see the whole vector across ranks, which TE's norms do not do."""
+    column, row, layer_norm = te_classes()
+    return _block_spec(column, row, te_layer_norm_class(layer_norm))
 
 
 def te_usable() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def block_spec(provider: str = "auto") -> ModuleSpec:
-    """`local`, `te`, or `auto` (te when Transformer Engine is importable on CUDA, else local)."""
+def resolve_provider(provider: str, verified=None) -> str:
+    """`local`, `te`, or `auto`: te when Transformer Engine is usable and in `verified` (default:
+    VERIFIED_ON_GPU's: it passed gpu_check on a GPU), else local. te asked for without TE is an error."""
+    verified = VERIFIED_ON_GPU["layer_provider"] if verified is None else verified
     if provider == "auto":
-        provider = "te" if te_usable() else "local"
-    if provider == "local":
-        return local_block_spec()
-    if provider == "te":
-        if not te_usable():
-            raise ImportError("layer provider 'te' needs transformer-engine and a CUDA device (pip install -e .[gpu])")
-        return te_block_spec()
-    raise ValueError(f"layer provider: expected auto, local or te, found {provider!r}")
+        return "te" if "te" in verified and te_usable() else "local"
+    if provider == "te" and not te_usable():
+        raise ImportError("layer provider 'te' needs transformer-engine and a CUDA device (pip install -e .[gpu])")
+    if provider not in ("local", "te"):
+        raise ValueError(f"layer provider: expected auto, local or te, found {provider!r}")
+    return provider
+
+
+def block_spec(provider: str = "auto") -> ModuleSpec:
+    """The block's ModuleSpec for `provider` (see resolve_provider)."""
+    return te_block_spec() if resolve_provider(provider) == "te" else local_block_spec()

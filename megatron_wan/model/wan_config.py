@@ -12,6 +12,17 @@ from megatron_wan.parallel.context_parallel import CP_COMMS
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "te")
 
 
+def initialize_on_cpu(perform_initialization: bool, cuda: bool, default_device: str = "cpu") -> bool:
+    """Whether megatron-core builds the parallel linears on the CPU (`use_cpu_initialization`).
+
+    A random init always does: megatron-core's CPU path draws each full weight from torch's default generator and
+    keeps this TP rank's slice, so `model.init_seed` decides the weights and TP=1 and TP=2 get the same ones, on any
+    device. Its GPU path draws the local slice from the CUDA RNG tracker (seeded seed + 2718 + tp_rank), which
+    ignores both. Loaded weights (nothing drawn) are allocated on the GPU directly, unless the model is being
+    built on the meta device (a shell to be filled with existing tensors), which only the CPU path honours."""
+    return perform_initialization or not cuda or default_device == "meta"
+
+
 @dataclass
 class WanConfig:
     """Architecture of a Wan 2.1 DiT plus the runtime choices that do not change its weights.
@@ -99,7 +110,8 @@ class WanConfig:
             gated_linear_unit=False,
             bias_activation_fusion=False,
             gradient_accumulation_fusion=False,
-            use_cpu_initialization=not torch.cuda.is_available(),
+            use_cpu_initialization=initialize_on_cpu(self.perform_initialization, torch.cuda.is_available(),
+                                                     torch.get_default_device().type),
             perform_initialization=self.perform_initialization,
             init_method_std=self.init_std,
             params_dtype=self.params_dtype,

@@ -8,24 +8,43 @@
 Every reference pass runs under torch.no_grad and builds no graph.
 """
 
-import copy
-
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from megatron_wan.model.lora import disable_adapter, lora_layers
+from megatron_wan.model.lora import LoRAParallelLinear, disable_adapter, lora_layers
 
 KINDS = ("adapter", "copy", "copy_offload")
 
 
-def _frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy sharing the process groups (which cannot be copied) with `model`."""
-    memo = {id(v): v for m in model.modules() for v in vars(m).values() if isinstance(v, dist.ProcessGroup)}
-    ref = copy.deepcopy(model, memo).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, parameter: bool) -> None:
+    owner, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner) if owner else module
+    if parameter:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def _frozen_copy(model: nn.Module, device=None) -> nn.Module:
+    """A second WanModel of `model`'s config (and LoRA layout) holding copies of its tensors, on `device` (default:
+    where each tensor is). Built on the meta device and filled, not deep-copied: process groups and Transformer
+    Engine's CUDA streams are created anew, never copied, and no throwaway weights are allocated."""
+    with torch.device("meta"):
+        ref = type(model)(model.wan.replace(perform_initialization=False))
+        for name, layer in model.named_modules():
+            if isinstance(layer, LoRAParallelLinear):
+                rank = layer.lora_A.out_features
+                parent, _, leaf = name.rpartition(".")
+                parent = ref.get_submodule(parent) if parent else ref
+                setattr(parent, leaf, LoRAParallelLinear(getattr(parent, leaf), rank, layer.scaling * rank))
+    with torch.no_grad():
+        for parameter, tensors in ((True, model.named_parameters()), (False, model.named_buffers())):
+            for name, t in tensors:
+                _set_tensor(ref, name, t.detach().to(device or t.device, copy=True), parameter)
+    left = [n for n, t in [*ref.named_parameters(), *ref.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"reference copy: {type(model).__name__} tensors not copied from the policy: {left}")
+    return ref.eval()
 
 
 class AdapterReference:
@@ -55,7 +74,7 @@ class OffloadedCopyReference:
 
     def __init__(self, model: nn.Module, offload_device: str = "cpu"):
         self.device = next(model.parameters()).device
-        self.model = _frozen_copy(model).to(offload_device)
+        self.model = _frozen_copy(model, offload_device)
         self.host = {}
         if torch.cuda.is_available():
             for p in self.model.parameters():

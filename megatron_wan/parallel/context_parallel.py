@@ -12,7 +12,9 @@ Self-attention across ranks (`cp_comm`):
   their gradients travel with them back to their owner. Padded keys are cut off each chunk.
 - `ulysses`: all-to-all from sequence-sharded, all heads to whole sequence, heads/cp; any local
   attention kernel runs there; all-to-all back. Needs the local head count divisible by cp.
-- `te`: Transformer Engine's own CP inside its DotProductAttention (see model/attention.py).
+- `te`: Transformer Engine's own CP inside its DotProductAttention (see model/attention.py). TE knows nothing
+  of our tail padding, and its p2p CP needs an even sequence length per rank and a half-precision kernel; a
+  video it cannot take is refused by name (`te_cp_problem`), and `auto` never picks it for such a video.
 
 Gradient convention: every CP rank returns the gradient of its own tokens' share; the data-parallel
 gradient reduction over CP ranks adds the shares (as Megatron-LM does).
@@ -177,6 +179,83 @@ def ulysses_attention(q, k, v, shard: FrameShard, attend) -> torch.Tensor:
     out = attend(q, k[:keys], v[:keys])  # [cp*s, b, n/cp*d]
     out = _AllToAll.apply(out.view(cp, s, b, n // cp * d), group)  # dim 0: source head group
     return out.permute(1, 2, 0, 3).reshape(s, b, n * d)
+
+
+# -- which implementation runs (plain decisions, tested on CPU) ----------------------------------------
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def kernel_heads(local_heads: int, cp: int, cp_comm: str | None) -> int:
+    """Heads the local attention kernel sees: after Ulysses' all-to-all each CP rank holds local_heads / cp of
+    them over the whole sequence; otherwise all of the TP rank's heads."""
+    return local_heads // cp if cp > 1 and cp_comm == "ulysses" else local_heads
+
+
+def te_cp_problem(cp: int, token_frames: int, tokens_per_frame: int, head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why Transformer Engine's p2p context parallelism cannot run this video (None when it can).
+
+    TE's CP (transformer_engine/pytorch/attention/dot_product_attention/context_parallel.py) splits every
+    rank's sequence in two halves ("Sequence length per GPU needs to be divisible by 2!"), attends to every key
+    it is given (tail padding would be attended to), and with sbhd tensors runs only its fused (cuDNN) kernel,
+    which takes fp16/bf16 and head dims that are multiples of 8."""
+    if token_frames % cp:
+        return (f"the video's {token_frames} token frames do not split evenly over context_parallel={cp} "
+                f"(TE's CP would attend to our tail padding)")
+    if (token_frames // cp) * tokens_per_frame % 2:
+        return f"{(token_frames // cp) * tokens_per_frame} tokens per CP rank: TE's p2p CP needs an even number"
+    if dtype not in HALF:
+        return f"TE's CP runs only its fp16/bf16 fused kernel; the attention inputs are {dtype}"
+    if head_dim % 8:
+        return f"TE's fused attention needs a head dim that is a multiple of 8, found {head_dim}"
+    return None
+
+
+def resolve_cp_comm(name: str, backend: str, verified=()) -> str:
+    """The CP exchange a model is built for. `auto` -> `te` only when the attention backend is Transformer Engine
+    and TE's CP is in `verified` (passed gpu_check on a GPU); else `ring`. Per forward, `cp_comm_for_call` may
+    still turn an automatic `te` into `ring` for a video TE's CP cannot take."""
+    if name not in CP_COMMS:
+        raise ValueError(f"cp_comm: expected one of {CP_COMMS}, found {name!r}")
+    if name == "auto":
+        return "te" if backend == "te" and "te" in verified else "ring"
+    if name == "te" and backend != "te":
+        raise ValueError(f"cp_comm='te' is Transformer Engine's own context parallelism; it needs "
+                         f"attention_backend='te', found {backend!r} (use ring or ulysses)")
+    return name
+
+
+def cp_comm_for_call(built: str, requested: str, shard: "FrameShard", head_dim: int, dtype: torch.dtype) -> str:
+    """The CP exchange of one self-attention call: `built` (resolve_cp_comm's) unless it is TE's and TE refuses
+    this video: then `ring` when the choice was automatic, and an error naming the reason when it was asked for."""
+    if built != "te":
+        return built
+    problem = te_cp_problem(shard.size, shard.grid[0], shard.grid[1] * shard.grid[2], head_dim, dtype)
+    if problem is None:
+        return "te"
+    if requested == "auto":
+        return "ring"
+    raise ValueError(f"cp_comm='te': {problem}; use cp_comm=ring or ulysses (or auto) for this video")
+
+
+def cp_comm_problem(cp_comm: str, backend: str, cp: int, heads_per_tp: int, head_dim: int, dtype: torch.dtype,
+                    token_grids=()) -> str | None:
+    """Why an explicitly asked-for `cp_comm` cannot run a configuration (None when it can): `token_grids` are the
+    token grids (f, h, w) of the data it will see; `dtype` the attention inputs' (bf16 under autocast)."""
+    if cp == 1 or cp_comm in ("auto", "ring"):
+        return None
+    if cp_comm == "ulysses":
+        if heads_per_tp % cp:
+            return (f"ulysses needs the heads per tensor-parallel rank ({heads_per_tp}) divisible by "
+                    f"context_parallel={cp}")
+        return None
+    if backend != "te":
+        return f"cp_comm=te is Transformer Engine's CP; it needs attention_backend=te, found {backend!r}"
+    for f, h, w in token_grids or [(cp, 2, 1)]:
+        problem = te_cp_problem(cp, f, h * w, head_dim, dtype)
+        if problem:
+            return problem
+    return None
 
 
 # -- ring -------------------------------------------------------------------------------------------
