@@ -11,13 +11,15 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from megatron_wan.model.lora import DEFAULT_TARGETS
-from megatron_wan.model.wan_config import PRESETS
+from megatron_wan.model.wan_config import PRESETS, WanConfig
 from megatron_wan.objectives.pair_step import PAIR_MODES
 from megatron_wan.objectives.preference import BETA, MODES, sft_weight_fn
 from megatron_wan.objectives.reference import KINDS
+from megatron_wan.parallel.context_parallel import cp_comm_problem
 
 
 class ConfigError(ValueError):
@@ -29,7 +31,8 @@ class ModelConfig:
     preset: str = "wan2.1-t2v-1.3b"  # architecture when `weights` is null (random init) or to check against
     weights: str | None = None  # a diffusers folder (or its transformer/), or an original Wan-AI folder
     layout: str = "diffusers"  # "diffusers" or "original"
-    attention_backend: str = "auto"
+    attention_backend: str = "auto"  # "sdpa", "flash", "te"; auto: the best present that passed gpu_check (README)
+    layer_provider: str = "auto"  # "local" (megatron-core linears), "te" (Transformer Engine); auto as above
     cp_comm: str = "auto"  # "ring", "ulysses", "te", "auto"
     recompute: bool = False  # activation checkpointing per block
     init_seed: int = 0
@@ -91,6 +94,7 @@ class RunConfig:
     steps: int = 1000
     seed: int = 42
     dtype: str = "bf16"  # "bf16" or "fp32"
+    tf32: bool = False  # CUDA fp32 matmuls on TF32 tensor cores; MFU is then against the TF32 peak, else FP32's
     output_dir: str = "outputs/run"
     save_every: int = 300
     keep_last: int = 3
@@ -122,6 +126,7 @@ CHOICES = {
     "run.task": ("t2v", "i2v"), "run.finetune": ("lora", "full"), "run.engine": ("megatron", "deepspeed"),
     "run.dtype": ("bf16", "fp32"), "model.layout": ("diffusers", "original"),
     "model.attention_backend": ("auto", "sdpa", "flash", "te"), "model.cp_comm": ("auto", "ring", "ulysses", "te"),
+    "model.layer_provider": ("auto", "local", "te"),
     "objective.mode": MODES, "objective.pair_mode": PAIR_MODES, "objective.reference": KINDS,
     "objective.timestep_sampling": ("uniform", "logit_normal"), "optim.schedule": ("constant", "cosine"),
 }
@@ -208,8 +213,25 @@ def _get(cfg: Config, key: str):
     return getattr(getattr(cfg, section), name)
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Raise ConfigError naming the key of any impossible setting; `world_size` checks the layout too."""
+def _check_cp_comm(cfg: Config, latent_shapes) -> None:
+    """An explicit model.cp_comm that cannot run this model, dtype (and, given them, these latent shapes)."""
+    m, run = cfg.model, cfg.run
+    arch = WanConfig().replace(**PRESETS[m.preset]) if m.weights is None else None
+    heads = arch.num_heads // run.tensor_parallel if arch else None
+    head_dim = arch.head_dim if arch else 128  # Wan's
+    grids = sorted({tuple(n // p for n, p in zip(shape[-3:], (arch or WanConfig()).patch_size))
+                    for shape in latent_shapes or ()})
+    if heads is None and m.cp_comm == "ulysses":
+        return  # a checkpoint's head count is known when the model is loaded (CoreAttention checks it)
+    problem = cp_comm_problem(m.cp_comm, m.attention_backend, run.context_parallel, heads or 0, head_dim,
+                              torch.bfloat16 if run.dtype == "bf16" else torch.float32, grids)
+    if problem:
+        raise ConfigError(f"model.cp_comm: {m.cp_comm} cannot run here: {problem}; use ring (or auto)")
+
+
+def validate(cfg: Config, world_size: int | None = None, latent_shapes=None) -> None:
+    """Raise ConfigError naming the key of any impossible setting; `world_size` checks the layout too, and the
+    data's `latent_shapes` ([C, F, H, W] each) what an explicit model.cp_comm must be able to run."""
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, found {_get(cfg, key)!r}")
@@ -240,11 +262,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise ConfigError("objective.pair_mode: the deepspeed engine runs one backward per step; use batched")
     if obj.pair_mode == "ranks" and run.context_parallel != 1:
         raise ConfigError("objective.pair_mode: 'ranks' pairs data-parallel ranks; it needs run.context_parallel=1")
-    if cfg.model.cp_comm == "ulysses" and run.context_parallel > 1 and cfg.model.weights is None:
-        heads = PRESETS[cfg.model.preset].get("num_heads", 12) // run.tensor_parallel
-        if heads % run.context_parallel:
-            raise ConfigError(f"model.cp_comm: ulysses needs the heads per TP rank ({heads}) divisible by "
-                              f"run.context_parallel={run.context_parallel}; use ring")
+    _check_cp_comm(cfg, latent_shapes)
     if world_size is not None:
         mp = run.tensor_parallel * run.context_parallel
         if world_size % mp:

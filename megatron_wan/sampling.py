@@ -124,12 +124,14 @@ class WanSampler:
     """A Wan 2.1 model ready to sample: the encoders of a diffusers folder and WanModel (under the initialized TP/CP
     groups) with the DiT weights of that folder, or of `transformer` (a diffusers transformer folder, or with
     layout='original' an original Wan-AI checkpoint folder). The DiT runs in `dtype`; umT5, the VAE and CLIP in
-    `encoder_dtype` (float32 by default: diffusers' Wan examples keep the VAE in float32)."""
+    `encoder_dtype` (float32 by default: diffusers' Wan examples keep the VAE in float32). Everything runs on
+    `device`, by default this rank's CUDA device when there is one (parallel.default_device)."""
 
-    def __init__(self, model_dir, *, transformer=None, layout: str = "diffusers", device="cpu",
+    def __init__(self, model_dir, *, transformer=None, layout: str = "diffusers", device=None,
                  dtype=torch.float32, encoder_dtype=torch.float32, offload: bool = False):
         if layout not in LAYOUTS or (layout == "original" and transformer is None):
             raise ValueError(f"layout {layout!r}: expected 'diffusers', or 'original' with a transformer folder")
+        device = parallel.default_device() if device is None else device
         self.encoders = WanEncoders(model_dir, None, device, encoder_dtype, offload)
         loader = WanModel.from_diffusers if layout == "diffusers" else WanModel.from_original
         self.model = loader(transformer or model_dir, params_dtype=dtype).to(self.encoders.device).eval()

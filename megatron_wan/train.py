@@ -41,7 +41,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 def build_model(cfg: Config) -> WanModel:
     """The policy: from `model.weights` (diffusers or original layout) or randomly initialized from the preset."""
     m = cfg.model
-    runtime = dict(attention_backend=m.attention_backend, cp_comm=m.cp_comm, recompute=m.recompute)
+    runtime = dict(attention_backend=m.attention_backend, layer_provider=m.layer_provider, cp_comm=m.cp_comm,
+                   recompute=m.recompute)
     if m.weights:
         loader = WanModel.from_diffusers if m.layout == "diffusers" else WanModel.from_original
         model = loader(m.weights, **runtime)
@@ -76,13 +77,16 @@ class Trainer:
         self.cfg = cfg
         run = cfg.run
         parallel.initialize(run.tensor_parallel, run.context_parallel, seed=run.seed)
-        validate(cfg, dist.get_world_size())
+        self.dataset = PairDataset(cfg.data.dir, cfg.data.pairs, cfg.data.text_len)
+        validate(cfg, dist.get_world_size(), self.dataset.shapes)  # before the model: CP must take these videos
         self.rank = dist.get_rank()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.device = self.device or torch.device("cpu")
         self.out = Path(run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.autocast = run.dtype == "bf16"
+        if torch.cuda.is_available():  # the peak below (and MFU) follows this setting
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = run.tf32
 
         model = build_model(cfg).to(self.device)
         if run.finetune == "lora":
@@ -96,7 +100,6 @@ class Trainer:
         self.engine = build_engine(cfg, model)
         self.wan = model.wan
 
-        self.dataset = PairDataset(cfg.data.dir, cfg.data.pairs, cfg.data.text_len)
         if self.dataset.task != run.task:
             raise ConfigError(f"data.dir: {cfg.data.dir} holds {self.dataset.task} encodings, run.task is {run.task}")
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -207,7 +210,8 @@ class Trainer:
         parts = self._flops(grid, self.cfg.run.batch_size)
         (self.out / "flops.json").write_text(json.dumps({
             "per_data_parallel_rank_step": parts, "latent_grid": list(grid), "text_len": self.cfg.data.text_len,
-            "peak_flops_per_device": self.peak, "peak_source": self.peak_source}, indent=1))
+            "peak_flops_per_device": self.peak, "peak_source": self.peak_source, "tf32": self.cfg.run.tf32},
+            indent=1))
         print(f"FLOPs per step and data-parallel rank at latent grid {list(grid)}: {parts['total']:.4g} "
               f"({', '.join(f'{k} {v:.3g}' for k, v in parts.items() if k != 'total')}); "
               f"peak {self.peak:.3g} FLOP/s ({self.peak_source})")

@@ -24,13 +24,13 @@ from megatron_wan.model import WanModel, preset
 from megatron_wan.objectives.flow_matching import per_sample_error
 
 
-def _sample(cfg, grid, text_len):
+def _sample(cfg, grid, text_len, device):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, cfg.in_dim, *grid, generator=g)
     target = torch.randn(1, cfg.out_dim, *grid, generator=g)
     text = torch.randn(1, text_len, cfg.text_dim, generator=g)
     clip = torch.randn(1, 257, cfg.image_dim, generator=g) if cfg.is_i2v else None
-    return x, torch.tensor([500.0]), text, clip, target
+    return tuple(None if t is None else t.to(device) for t in (x, torch.tensor([500.0]), text, clip, target))
 
 
 def _train_step(model, sample):
@@ -43,12 +43,12 @@ def _setup(cp, args):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cp))
     parallel.initialize(context_parallel=cp)
     cfg = preset(args.preset, num_layers=args.layers)
-    return cfg, _sample(cfg, args.grid, args.text_len)
+    return cfg, _sample(cfg, args.grid, args.text_len, parallel.default_device())
 
 
 def _saved_bytes(cp, args):
     cfg, sample = _setup(cp, args)
-    model = WanModel(cfg.replace(cp_comm="ring"))
+    model = WanModel(cfg.replace(cp_comm="ring")).to(parallel.default_device())
     with SavedTensorMeter(exclude=list(model.parameters())) as meter:
         _train_step(model, sample)
     return meter.peak
@@ -56,7 +56,7 @@ def _saved_bytes(cp, args):
 
 def _step_times(args):
     cfg, sample = _setup(2, args)
-    models = {comm: WanModel(cfg.replace(cp_comm=comm)) for comm in ("ring", "ulysses")}
+    models = {comm: WanModel(cfg.replace(cp_comm=comm)).to(parallel.default_device()) for comm in ("ring", "ulysses")}
     times = {comm: [] for comm in models}
     for _ in range(args.repeats):  # alternate, so drifts of the machine hit both alike
         for comm, model in models.items():

@@ -88,7 +88,7 @@ def _forward_backward(model, inputs, diffusers: bool):
 def measure(cfg: WanConfig, grid, text_len: int, dtypes, rounds: int, device=None) -> dict:
     """{dtype: {name: {"seconds", "flops", "mfu"} for diffusers, ours, regdpo; "peak": FLOP/s, "peak_source"}}."""
     parallel.initialize()
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or parallel.default_device()
     g = torch.Generator().manual_seed(1)
     inputs = (torch.randn(1, cfg.in_dim, *grid, generator=g).to(device), torch.tensor([500.0], device=device),
               torch.randn(1, text_len, cfg.text_dim, generator=g).to(device))

@@ -31,15 +31,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     parallel.initialize()
+    device = parallel.default_device()
     torch.manual_seed(0)
     cfg = preset(args.preset, num_layers=args.layers)
-    model = WanModel(cfg)
+    model = WanModel(cfg).to(device)
     reference = make_reference("copy", model)
     n, shape = args.pairs, (args.pairs, cfg.out_dim, *args.grid)
-    cond = torch.randn(n, cfg.in_dim - cfg.out_dim, *args.grid) if cfg.is_i2v else None
-    clip = torch.randn(n, 257, cfg.image_dim) if cfg.is_i2v else None
-    batch = PairBatch(torch.randn(shape), torch.randn(shape), Conditions(torch.randn(n, 16, cfg.text_dim), clip, cond),
-                      list(range(n)))
+    cond = torch.randn(n, cfg.in_dim - cfg.out_dim, *args.grid, device=device) if cfg.is_i2v else None
+    clip = torch.randn(n, 257, cfg.image_dim, device=device) if cfg.is_i2v else None
+    text = torch.randn(n, 16, cfg.text_dim, device=device)
+    batch = PairBatch(torch.randn(shape, device=device), torch.randn(shape, device=device),
+                      Conditions(text, clip, cond), list(range(n)))
     flow = FlowMatching()
     params = list(model.parameters())
 

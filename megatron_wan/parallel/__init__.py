@@ -9,7 +9,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 __all__ = [
-    "all_reduce_sum", "cp_group", "cp_rank", "cp_size", "free_port", "initialize", "is_initialized", "pair_group",
+    "all_reduce_sum", "cp_group", "cp_rank", "cp_size", "default_device", "free_port", "initialize", "is_initialized",
+    "pair_group",
     "tp_group", "tp_rank", "tp_size",
 ]
 
@@ -64,6 +65,16 @@ def initialize(tensor_parallel: int = 1, context_parallel: int = 1, *, seed: int
         from megatron.core import tensor_parallel as mtp
 
         mtp.model_parallel_cuda_manual_seed(seed)
+
+
+def default_device() -> torch.device:
+    """This rank's CUDA device when there is one (the one `initialize` set; before it, LOCAL_RANK's), else the CPU:
+    the default wherever a model, its inputs or its collectives are placed."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if dist.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def is_initialized() -> bool:
