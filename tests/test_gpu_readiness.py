@@ -285,3 +285,46 @@ def test_fp32_peak_follows_the_tf32_setting(monkeypatch):
         torch.backends.cuda.matmul.allow_tf32 = before
     assert peak == 66.9e12 and "TF32 off" in source
     assert load_config(None, ["run.tf32=true"]).run.tf32 is True
+
+
+# -- gpu_check: what runs where, and its CPU behaviour -----------------------------------------------------------
+
+def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_0(capsys):
+    from megatron_wan.bench import gpu_check
+
+    assert gpu_check.main([]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == [gpu_check.NO_CUDA]
+    assert gpu_check.main(["--list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()]
+    assert listed == [s.name for s in gpu_check.STEPS] and "parity:te+te" in listed and "throughput" in listed
+
+
+def test_gpu_check_decisions():
+    from megatron_wan.bench import gpu_check
+
+    steps = {s.name: s for s in gpu_check.STEPS}
+    assert gpu_check.skip_reason(steps["cp2:ring"], 1, set()) == "needs 2 GPUs, 1 present"
+    assert gpu_check.skip_reason(steps["parity:te+flash"], 1, {"transformer_engine"}) == "flash_attn not installed"
+    assert gpu_check.skip_reason(steps["parity:te+flash"], 1, {"transformer_engine", "flash_attn"}) is None
+    assert gpu_check.skip_reason(steps["parity:local+sdpa"], 1, set()) is None
+    assert gpu_check.within(0.019, 0.01) and not gpu_check.within(0.021, 0.01) and not gpu_check.within(
+        float("nan"), 0.01)
+    results = [{"step": "a", "status": "ran", "ok": True, "rows": [gpu_check._row("x", 1.0, 2.0)]},
+               {"step": "b", "status": "ran", "ok": False, "rows": [gpu_check._row("y", 3.0, 2.0, False)]},
+               {"step": "c", "status": "error", "reason": "RuntimeError: boom", "rows": []},
+               {"step": "d", "status": "skip", "reason": "needs 2 GPUs, 1 present", "rows": []}]
+    assert gpu_check.failures(results) == 2
+    text = gpu_check.table(results)
+    assert "FAIL" in text and "ERROR: RuntimeError: boom" in text and "SKIP: needs 2 GPUs" in text
+
+
+def test_gpu_check_training_data_and_memory_plan(tmp_path):
+    from megatron_wan.bench import gpu_check
+    from megatron_wan.data.datasets import PairDataset
+
+    dataset = PairDataset(gpu_check.write_pairs(tmp_path, preset("tiny")), text_len=16)
+    assert dataset.task == "t2v" and len(dataset) == 2 and dataset.shapes == [(16, 3, 8, 12)] * 2
+    assert dataset[1]["winner_latent"].shape == (16, 3, 8, 12) and dataset[1]["text_emb"].shape == (16, 32)
+    two = gpu_check.planned_memory(preset="wan2.1-t2v-1.3b", height=480, width=832, frames=81, gpus=1, cp=1,
+                                   finetune="full", reference="copy", recompute=False, pair_mode="batched")
+    assert 0 < two < 80 * 2**30

@@ -7,12 +7,13 @@
     pair_modes         sequential vs batched pairs, Reg-DPO vs SFT step cost
     shard_read         random-access reads of our shards vs a folder of torch.save files
     stability          vanilla DPO vs Reg-DPO training curves (needs a tiny model folder and its encoded data)
+    gpu_check          the acceptance check of every CUDA-only path on the first GPU machine (exit code: failures)
 """
 
 import importlib
 import sys
 
-SUITES = ("sweep", "mfu", "plan", "activation_memory", "pair_modes", "shard_read", "stability")
+SUITES = ("sweep", "mfu", "plan", "activation_memory", "pair_modes", "shard_read", "stability", "gpu_check")
 
 
 def main(argv=None):
@@ -23,7 +24,10 @@ def main(argv=None):
     suite, rest = argv[0].replace("-", "_"), argv[1:]
     if suite not in SUITES:
         sys.exit(f"python -m megatron_wan.bench: unknown suite {argv[0]!r}; expected one of {', '.join(SUITES)}")
-    return importlib.import_module(f"megatron_wan.bench.{suite}").main(rest)
+    result = importlib.import_module(f"megatron_wan.bench.{suite}").main(rest)
+    if suite == "gpu_check":
+        sys.exit(result)  # the number of failed steps
+    return result
 
 
 if __name__ == "__main__":
