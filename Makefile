@@ -10,7 +10,7 @@ PYTEST_ARGS ?= -n 2
 
 TASK ?= t2v
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install gpu-check
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ demo: install
 
 test: install
 	DS_ACCELERATOR=cpu $(PY) -m pytest $(PYTEST_ARGS) tests
+
+# The acceptance check of every CUDA-only path on a GPU machine (README "First run on GPUs"); uses the current
+# Python environment (a CUDA torch with the [gpu] extra), not the CPU .venv. Exit code: failed steps.
+GPU_PYTHON ?= python
+gpu-check:
+	$(GPU_PYTHON) -m megatron_wan.bench gpu_check --out outputs/gpu_check
 
 lint: install
 	$(VENV)/bin/ruff check megatron_wan data_tools launch tests
