@@ -7,8 +7,9 @@ video that fails it. Outputs in DIR:
 - `manifest[.I-of-N].jsonl`: accepted records, in input order, carrying forward every earlier field;
 - `rejects[.I-of-N].jsonl`: `{"id", "path", "reason", "stage"}` per rejected record.
 Manifests are written under a temporary name and renamed when complete; a record whose journal line
-is not complete is simply done again. A crash inside a worker (a decoder can segfault on a bad file)
-rejects that record and the run goes on.
+is not complete is simply done again (a torn last line is truncated). A crash inside a worker (a decoder
+can segfault on a bad file) rejects that record and the run goes on; workers die with the stage's process
+(even under kill -9), and the next run removes the temporary files a killed one left.
 """
 
 import concurrent.futures as cf
@@ -170,6 +171,8 @@ def read_inputs(source) -> tuple[list[dict], list[dict]]:
         entry = {"id": str(rel.with_suffix("")), "path": str(p.absolute())}
         if p.is_symlink() and not p.exists():
             rejects.append({**entry, "id": str(rel), "reason": f"dangling symbolic link to {os.readlink(p)}"})
+        elif p.is_dir():
+            rejects.append({**entry, "id": str(rel), "reason": "symbolic link to a folder (not followed)"})
         elif not p.is_file():
             rejects.append({**entry, "id": str(rel), "reason": "not a regular file"})
         elif entry["id"] in seen:
