@@ -21,7 +21,6 @@ import skvideo
 from PIL import Image
 
 from data_tools.__main__ import main
-from data_tools.media import clean_reason, read_frames, resampled_frames, video_metadata
 from data_tools.normalize import _caption, load_captions
 from data_tools.stage import Reject, read_jsonl
 
@@ -241,6 +240,8 @@ def test_av1_passes_probe_filter_and_normalize(displayed):
 
 # 11. the one fallback: a file PyAV cannot open is read by decord, the same way in every stage
 def test_decord_reads_what_pyav_cannot(displayed, monkeypatch):
+    from data_tools.media import read_frames, resampled_frames, video_metadata
+
     _, _, out, _ = displayed
     path = out["r0"]["path"]
     expected = read_frames(path)
@@ -378,6 +379,8 @@ def test_reasons_are_clean_and_the_summary_shows_real_examples(tmp_path, capsys)
     with pytest.raises(Exception) as decord_error:  # decord's message: time, source file and line, a stack
         decord.VideoReader(str(tmp_path / "av1.mp4"))
     assert ".cc:" in str(decord_error.value)
+    from data_tools.media import clean_reason
+
     reason = clean_reason(decord_error.value)
     assert reason.startswith("st_nb >= 0") and "cannot find video stream" in reason and "\n" not in reason
     assert clean_reason(ValueError("a-long-token " * 40), limit=60) == "a-long-token " * 4 + "..."
