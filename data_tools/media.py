@@ -224,8 +224,9 @@ def to_rgb(frame: av.VideoFrame, width: int, height: int, fmt: str = "rgb24") ->
     display matrix, converted by its own colour matrix and range."""
     quarter = _rotation(frame) % 180 == 90
     w, h = (height, width) if quarter else (width, height)
-    shrink = w * h < frame.width * frame.height
-    out = frame.reformat(width=w, height=h, format=fmt, interpolation="AREA" if shrink else "BICUBIC",
+    same = (w, h) == (frame.width, frame.height)  # a conversion only: swscale's default, as to_ndarray does
+    scaler = None if same else "AREA" if w * h < frame.width * frame.height else "BICUBIC"
+    out = frame.reformat(width=w, height=h, format=fmt, interpolation=scaler,
                          src_color_range=frame.color_range or None).to_ndarray()
     return np.rot90(out, _rotation(frame) // 90) if _rotation(frame) else out
 
