@@ -36,6 +36,6 @@ setup(
     entry_points={"console_scripts": ["megatron-wan-train = megatron_wan.train:main"]},
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "scikit-video>=1.1.11", "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "scikit-video>=1.1.11", "ruff>=0.6", "psutil"],
     },
 )

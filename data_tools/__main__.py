@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from data_tools.stage import input_records, parse_shard, run_stage
+from data_tools.stage import no_inputs, parse_shard, read_inputs, run_stage
 
 STAGES = {  # CLI name -> module
     "probe": "probe",
@@ -48,10 +48,14 @@ def main(argv=None) -> dict:
     if hasattr(module, "run"):  # a stage over whole manifests rather than one video at a time
         return module.run(args)
     try:
-        records = input_records(args.input)
+        records, rejects = read_inputs(args.input)
+        if not records and not rejects:
+            raise ValueError(no_inputs(args.input))
+        process = module.make(args)
+        return run_stage(args.stage, records, process, args.out, workers=args.workers, shard=args.shard,
+                         rejected_inputs=rejects)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"data_tools {args.stage}: {e}")
-    return run_stage(args.stage, records, module.make(args), args.out, workers=args.workers, shard=args.shard)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Scores, all written into the record so thresholds can be tuned afterwards:
 - `motion`: mean absolute difference of consecutive frames sampled at `--sample-fps`, grayscale, 0-255,
-  decoded by decord at a reduced size; pairs that straddle a cut are left out.
+  read at a reduced size by the one reader of every stage (data_tools.media: the stream probe chose, as displayed);
+  pairs that straddle a cut are left out.
 - `cuts`: shot boundaries (seconds) from PySceneDetect's ContentDetector; `shots` = cuts + 1.
 - `shot_motion`: median of each shot's own motion; a slideshow/montage is many shots that are each still.
 - `text_score`: from `--text-detector CMD` (run as `CMD VIDEO`, a number on standard output), when given.
@@ -15,6 +16,7 @@ from functools import partial
 
 import numpy as np
 
+from data_tools.media import decoded, display_size, stream_info, to_rgb
 from data_tools.stage import Reject
 
 
@@ -30,27 +32,32 @@ class Thresholds:
     max_text_score: float = 0.5
 
 
-def _sampled_gray(path, sample_fps: float):
-    """(times in seconds, grayscale frames [n, h, w] float32) sampled at about `sample_fps`, short side 64."""
-    import decord
+def _scan(path, stream, t: Thresholds):
+    """One pass over the displayed frames (the media reader): the cut times, by PySceneDetect's ContentDetector
+    on every frame scaled to about 256 wide (its own default), and grayscale samples (short side 64) at about
+    `t.sample_fps`: (cut seconds, sample seconds, samples [n, h, w] float32)."""
+    from scenedetect import ContentDetector, FrameTimecode
 
-    probe = decord.VideoReader(str(path), num_threads=1)
-    height, width = probe[0].shape[:2]
-    scale = 64 / min(height, width)
-    vr = decord.VideoReader(str(path), num_threads=1, width=max(2, round(width * scale)),
-                            height=max(2, round(height * scale)))
-    fps = vr.get_avg_fps()
-    step = max(1, round(fps / sample_fps))
-    index = list(range(0, len(vr), step))
-    frames = vr.get_batch(index).asnumpy().astype(np.float32).mean(-1)
-    return np.array(index) / fps, frames
-
-
-def _cuts(path, threshold: float) -> list[float]:
-    from scenedetect import ContentDetector, detect
-
-    scenes = detect(str(path), ContentDetector(threshold=threshold), backend="pyav")
-    return [round(start.seconds, 3) for start, _ in scenes[1:]]
+    info, sar = stream_info(path, stream)
+    detector, cuts, times, samples = ContentDetector(threshold=t.cut_threshold), [], [], []
+    rate, position = info.get("rate", 25.0), None
+    for i, (seconds, frame) in enumerate(decoded(path, info.get("stream"))):
+        if i == 0:
+            width, height = display_size(frame, sar)
+            scale, small = max(1.0, width / 256), 64 / min(width, height)
+            detect_size = (max(2, round(width / scale)), max(2, round(height / scale)))
+            gray_size = (max(2, round(width * small)), max(2, round(height * small)))
+        times.append(seconds)
+        position = FrameTimecode(i, fps=rate)
+        bgr = np.ascontiguousarray(to_rgb(frame, *detect_size)[..., ::-1])
+        cuts += detector.process_frame(position, bgr)
+        if seconds >= times[0] + len(samples) / t.sample_fps - 1e-9:
+            samples.append((seconds, to_rgb(frame, *gray_size, fmt="gray").astype(np.float32)))
+    if position is None:
+        raise Reject("no decodable video frames")
+    cuts += detector.post_process(position)
+    cut_times = [round(times[c.frame_num] - times[0], 3) for c in sorted(set(cuts)) if c.frame_num < len(times)]
+    return cut_times, np.array([s for s, _ in samples]) - times[0], np.stack([g for _, g in samples])
 
 
 def _text_score(command: str, path) -> float:
@@ -62,10 +69,9 @@ def _text_score(command: str, path) -> float:
                      f"{done.stderr.strip()[-300:]}") from None
 
 
-def scores(path, t: Thresholds) -> dict:
+def scores(path, t: Thresholds, stream: int | None = None) -> dict:
     """Motion, cuts, shots and per-shot motion of one video (and its text score when a detector is set)."""
-    times, gray = _sampled_gray(path, t.sample_fps)
-    cuts = _cuts(path, t.cut_threshold)
+    cuts, times, gray = _scan(path, stream, t)
     shot_of = np.searchsorted(np.array(cuts), times, side="right")  # shot index of every sample
     diffs = np.abs(np.diff(gray, axis=0)).mean(axis=(1, 2))
     same_shot = shot_of[1:] == shot_of[:-1]
@@ -80,7 +86,7 @@ def scores(path, t: Thresholds) -> dict:
 
 def filter_video(record: dict, thresholds: Thresholds) -> dict:
     """The record with its scores, or Reject naming each failed check with its score."""
-    s = scores(record["path"], thresholds)
+    s = scores(record["path"], thresholds, record.get("stream"))
     failed = []
     if s["shots"] >= thresholds.slideshow_shots and s["shot_motion"] < thresholds.slideshow_motion:
         failed.append(f"slideshow/montage: {s['shots']} shots with median shot motion {s['shot_motion']:.2f} "

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from data_tools.encode import add_device_arguments
 from data_tools.media import video_metadata
 from data_tools.normalize import add_spec_arguments
-from data_tools.stage import Reject, atomic_path, input_records, read_journal, write_jsonl
+from data_tools.stage import Reject, atomic_path, input_records, read_journal, remove_leftovers, write_jsonl
 from megatron_wan.encoders import DTYPES
 from megatron_wan.sampling import FPS, SOLVERS, WAN_NEGATIVE_PROMPT, SamplingConfig, WanSampler, save_video
 
@@ -127,10 +127,11 @@ def run(args) -> dict:
     job = Generation(sampler, config, args)
     plan = [(gt, job.ids(gt, args.samples)) for gt in gts]
     journal_path = out / f"journal{suffix}.jsonl"
-    done = {entry["id"]: entry for entry in read_journal(journal_path)}
+    done = {entry["id"]: entry for entry in read_journal(journal_path, repair=True)}
     already = sum(v in done for _, ids in plan for v in ids)
     todo = [(gt, [v for v in ids if v not in done]) for gt, ids in plan if gt["id"] not in done]
     todo = [(gt, ids) for gt, ids in todo if ids]
+    remove_leftovers(out, (v for _, ids in todo for v in ids), suffix)
     bar = tqdm(total=sum(len(ids) for _, ids in todo), desc="generate", unit="video", file=sys.stderr, disable=not todo)
     with open(journal_path, "a", encoding="utf-8") as journal:
 

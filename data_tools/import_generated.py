@@ -12,22 +12,21 @@ from pathlib import Path
 
 from data_tools.media import cover_geometry, video_metadata
 from data_tools.normalize import Spec, add_spec_arguments, carried, normalize_video
-from data_tools.stage import Reject, find_video, input_records, read_table, video_keys
+from data_tools.stage import Reject, VideoTable, input_records, read_table
 
 KEY_COLUMNS = ("video", "id", "path", "file", "filename")
 
 
 @functools.cache
-def load_mapping(path: str) -> dict:
-    """{video key: {"gt_id", "generator"}} indexed by each row's key, file name and stem."""
-    table = {}
+def load_mapping(path: str) -> VideoTable:
+    """{"gt_id", "generator"} by video (data_tools.stage.VideoTable: a row is found by its most specific key)."""
+    rows = []
     for n, row in enumerate(read_table(path), 1):
         key = next((str(row[k]) for k in KEY_COLUMNS if row.get(k)), None)
         if key is None or not row.get("gt_id") or not row.get("generator"):
             raise ValueError(f"{path}: row {n} needs a video column ({'/'.join(KEY_COLUMNS)}), gt_id and generator")
-        entry = {"gt_id": str(row["gt_id"]), "generator": str(row["generator"])}
-        table.update(dict.fromkeys(video_keys(key), entry))
-    return table
+        rows.append((n, key, {"gt_id": str(row["gt_id"]), "generator": str(row["generator"])}))
+    return VideoTable(path, rows)
 
 
 @functools.cache
@@ -37,11 +36,11 @@ def load_gt(path: str) -> dict:
 
 def import_generated(record: dict, spec: Spec, out_dir: str, mapping: str, gt: str) -> dict:
     """One generated video in its GT's format, with gt_id, generator and the GT's prompt and image."""
-    table = load_mapping(mapping)
     src = Path(record["path"])
-    entry = find_video(table, record)
-    if entry is None:
+    found = load_mapping(mapping).find(record)
+    if found is None:
         raise Reject(f"not in the mapping {mapping}")
+    entry = found[1]
     target = load_gt(gt).get(entry["gt_id"])
     if target is None:
         raise Reject(f"gt_id {entry['gt_id']!r} is not among the normalized GT videos in {gt}")
@@ -49,7 +48,7 @@ def import_generated(record: dict, spec: Spec, out_dir: str, mapping: str, gt: s
     out = Path(out_dir)
     video, image = out / "videos" / f"{record['id']}.mp4", out / "images" / f"{record['id']}.png"
     geometry = cover_geometry(meta["width"], meta["height"], target["width"], target["height"])
-    new = normalize_video(src, video, image, geometry, spec)
+    new = normalize_video(src, video, image, geometry, spec, meta.get("stream"))
     return carried({**record, **meta}, new, path=str(video), first_frame=str(image), gt_id=entry["gt_id"],
                    generator=entry["generator"], prompt=target.get("prompt"), image=target.get("image"),
                    aspect_bucket=target.get("aspect_bucket"))

@@ -1,10 +1,14 @@
-"""Video I/O for the stages: metadata (decord, PyAV as the fallback), frames with their timestamps,
-16 fps resampling by timestamps, cover-scale + center-crop geometry; H.264 encoding (PyAV, libx264) comes
-from megatron_wan.video_io, which the sampler shares."""
+"""Video I/O for the stages: one reader for every stage (`decoded`: PyAV on the one stream probe chose, decord
+as its one fallback), metadata measured from the displayed frames, frames as displayed (display rotation,
+square pixels, the source's own colour matrix), 16 fps resampling by timestamps, cover-scale + center-crop
+geometry; H.264 encoding (PyAV, libx264, BT.709 tagged) comes from megatron_wan.video_io, which the sampler
+shares."""
 
 import math
 import os
+import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -26,63 +30,135 @@ def parse_aspects(text: str) -> list[str]:
     return names
 
 
-def _decord_metadata(path) -> dict:
+def _stream(container, index=None):
+    """The one video stream every stage reads: `index` (recorded by probe) when given, else FFmpeg's best video
+    stream (av_find_best_stream, which prefers the stream marked default)."""
+    if index is None:
+        stream = container.streams.best("video")
+    else:
+        stream = next((s for s in container.streams.video if s.index == index), None)
+    if stream is None:
+        raise Reject("no video stream" if index is None else f"no video stream #{index} (the one probe chose)")
+    stream.thread_type = "AUTO"
+    return stream
+
+
+def _decord_frames(path):
+    """(seconds, frame) of every frame by decord (rotation applied by decord itself): the fallback reader."""
     import decord
 
     vr = decord.VideoReader(str(path), num_threads=1)
-    frames = len(vr)
-    if frames == 0:
-        raise Reject("no video frames")
-    height, width = vr[0].shape[:2]
-    vr[frames - 1]  # decoding the last frame catches a file cut short
-    return {"fps": float(vr.get_avg_fps()), "frames": frames, "width": int(width), "height": int(height),
-            "probe_backend": "decord"}
+    for i in range(len(vr)):
+        yield float(vr.get_frame_timestamp(i)[0]), av.VideoFrame.from_ndarray(vr[i].asnumpy(), format="rgb24")
 
 
-def _pyav_metadata(path) -> dict:
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise Reject("no video stream")
-        stream = container.streams.video[0]
-        frames = sum(1 for _ in container.decode(stream))  # counts what really decodes
-        if frames == 0:
-            raise Reject("no decodable video frames")
-        fps = float(stream.average_rate or stream.guessed_rate or 0)
-        return {"fps": fps, "frames": frames, "width": stream.width, "height": stream.height,
-                "probe_backend": "pyav"}
+def decoded(path, stream: int | None = None):
+    """(seconds, av.VideoFrame) of every displayed frame of the video's stream (`stream`, else the best one), in
+    display order: PyAV, or decord when PyAV cannot open or decode the file. The reader of every stage."""
+    try:
+        container = av.open(str(path))
+    except av.FFmpegError as e:
+        yield from _fallback(path, e)
+        return
+    with container:
+        s = _stream(container, stream)
+        rate = float(s.average_rate or s.guessed_rate or 25)
+        t, n = None, 0
+        try:
+            for frame in container.decode(s):
+                if frame.pts is not None:
+                    t = float(frame.pts * frame.time_base)
+                else:
+                    t = 0.0 if t is None else t + 1 / rate
+                n += 1
+                yield t, frame
+        except av.FFmpegError as e:
+            if n:
+                raise
+            yield from _fallback(path, e)
 
 
-def _codec(path) -> str:
+def _fallback(path, first):
+    try:
+        yield from _decord_frames(path)
+    except Exception as second:  # decord raises its own error types
+        raise Reject(f"not a readable video (PyAV: {clean_reason(first)}; decord: {clean_reason(second)})") from None
+
+
+def display_size(frame: av.VideoFrame, sar=None) -> tuple[int, int]:
+    """(width, height) of a frame as displayed: square pixels (`sar`, the stream's sample aspect ratio), rotated."""
+    width = frame.width if not sar or sar == 1 else max(1, round(frame.width * sar))
+    size = (width, frame.height)
+    return size[::-1] if _rotation(frame) % 180 else size
+
+
+def _rotation(frame: av.VideoFrame) -> int:
+    """The frame's display rotation, counter-clockwise degrees in 0, 90, 180, 270."""
+    return round(frame.rotation / 90) % 4 * 90
+
+
+def stream_info(path, stream: int | None) -> tuple[dict, Fraction | None]:
+    """({stream index, codec, rate}, sample aspect ratio) of the chosen stream; ({}, None) when PyAV cannot open
+    it (the fallback reader then reads it)."""
     try:
         with av.open(str(path)) as container:
-            return container.streams.video[0].codec_context.name
-    except (av.FFmpegError, IndexError):
-        return "unknown"
+            s = _stream(container, stream)
+            sar = s.sample_aspect_ratio
+            rate = float(s.average_rate or s.guessed_rate or 25)
+            return {"stream": s.index, "codec": s.codec_context.name, "rate": rate}, (sar if sar and sar > 0 else None)
+    except av.FFmpegError:
+        return {}, None
 
 
-def video_metadata(path) -> dict:
-    """fps, frames, duration, width, height, aspect, codec, file size and SHA-256 of a video file.
+def video_metadata(path, stream: int | None = None) -> dict:
+    """The displayed video of a file: fps, frames, duration (both from the displayed frames' timestamps), width
+    and height as displayed (rotated, square pixels), aspect; the stream's index, stored size, sample aspect ratio,
+    rotation, colour matrix and codec; file size and SHA-256.
 
-    Raises Reject for an empty, unreadable, truncated or non-video file, with decord's and PyAV's reasons.
+    Raises Reject for an empty, unreadable, truncated or non-video file, with the readers' reasons.
     """
     size = os.path.getsize(path)
     if size == 0:
         raise Reject("empty file (0 bytes)")
+    info, sar = stream_info(path, stream)
+    times, first, last = [], None, None
     try:
-        meta = _decord_metadata(path)
-    except Exception as first:  # decord raises its own error types; PyAV may still read it
-        try:
-            meta = _pyav_metadata(path)
-        except Reject:
-            raise
-        except Exception as second:
-            raise Reject(f"not a readable video (decord: {str(first).splitlines()[0][:200]}; "
-                         f"PyAV: {str(second).splitlines()[0][:200]})") from None
-    if meta["fps"] <= 0:
-        raise Reject("no frame rate in the stream")
-    meta.update(duration=meta["frames"] / meta["fps"], aspect=meta["width"] / meta["height"], codec=_codec(path),
-                size_bytes=size, sha256=file_sha256(path))
-    return meta
+        for t, frame in decoded(path, info.get("stream")):
+            first = frame if first is None else first
+            last = frame
+            times.append(t)
+    except (av.FFmpegError, RuntimeError) as e:
+        raise Reject(f"not a readable video (cut short or corrupt after {len(times)} frames: {clean_reason(e)})") \
+            from None
+    if not times:
+        raise Reject("no decodable video frames")
+    steps = np.diff(times)
+    step = float(np.median(steps)) if len(steps) else 0.0
+    tail = float(last.duration * last.time_base) if last.duration and last.time_base else step
+    duration = times[-1] - times[0] + tail
+    if duration <= 0:
+        raise Reject(f"no usable timestamps ({len(times)} frames)")
+    width, height = display_size(first, sar)
+    return {"stream": info.get("stream"), "codec": info.get("codec", "unknown"), "fps": round(len(times) / duration, 6),
+            "frames": len(times), "duration": round(duration, 6),
+            "width": width, "height": height, "aspect": width / height, "stored_width": first.width,
+            "stored_height": first.height, "sar": f"{sar.numerator}:{sar.denominator}" if sar else "1:1",
+            "rotation": _rotation(first), "colorspace": _COLORSPACES.get(int(first.colorspace), "unspecified"),
+            "probe_backend": "pyav" if info else "decord", "size_bytes": size, "sha256": file_sha256(path)}
+
+
+_COLORSPACES = {0: "rgb", 1: "bt709", 2: "unspecified", 4: "fcc", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m",
+                9: "bt2020nc", 10: "bt2020c"}
+_LOG_PREFIX = re.compile(r"\[\d{2}:\d{2}:\d{2}\] \S+:\d+: (Check failed: )?|\[Errno -?\d+\] ")
+
+
+def clean_reason(error: BaseException, limit: int = 240) -> str:
+    """An exception as a one-line reason: the first line, without decoders' log prefixes (time, source file and
+    line, errno), cut at a word boundary."""
+    text = _LOG_PREFIX.sub("", str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text
 
 
 def nearest_aspect(width: int, height: int, names) -> tuple[str, float]:
@@ -120,51 +196,52 @@ def cover_geometry(src_w: int, src_h: int, width: int, height: int) -> Geometry:
     return Geometry(width, height, sw, sh, (sw - width) // 2, (sh - height) // 2)
 
 
-def resampled_frames(path, fps: float, count: int):
-    """Yield `count` RGB frames [H, W, 3] uint8 at `fps`, each the source frame nearest in time to
-    t0 + i/fps (by presentation timestamps, so variable frame rates resample right). Raises Reject
-    when the video ends first."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        src_fps = float(stream.average_rate or stream.guessed_rate or fps)
-        made, t0, prev = 0, None, None
-        for frame in container.decode(stream):
-            t = frame.time if frame.time is not None else (0 if prev is None else prev[0] + 1 / src_fps)
-            t0 = t if t0 is None else t0
-            while made < count and t >= t0 + made / fps - 1e-9:
-                target = t0 + made / fps
-                use_prev = prev is not None and target - prev[0] <= t - target
-                yield prev[1] if use_prev else frame
-                made += 1
-            if made == count:
-                return
-            prev = (t, frame)
-        while prev is not None and made < count and t0 + made / fps < prev[0] + 1 / src_fps - 1e-9:
-            yield prev[1]  # targets inside the last frame's display time
+def resampled_frames(path, fps: float, count: int | None, stream: int | None = None):
+    """Yield `count` (all when None) frames at `fps`, each the source frame displayed at t0 + i/fps (nearest by
+    presentation timestamps, so variable frame rates resample right), from `decoded`. Raises Reject when the video
+    ends before `count`."""
+    made, t0, prev = 0, None, None
+    for t, frame in decoded(path, stream):
+        t0 = t if t0 is None else t0
+        while (count is None or made < count) and t >= t0 + made / fps - 1e-9:
+            target = t0 + made / fps
+            use_prev = prev is not None and target - prev[0] <= t - target
+            yield prev[1] if use_prev else frame
             made += 1
-    if made < count:
+        if made == count:
+            return
+        prev = (t, frame, frame.duration * frame.time_base if frame.duration and frame.time_base else 0)
+    last_shown = prev[0] + max(float(prev[2]), 1e-6) if prev is not None else 0
+    while prev is not None and (count is None or made < count) and t0 + made / fps < last_shown - 1e-9:
+        yield prev[1]  # targets inside the last frame's display time
+        made += 1
+    if count is not None and made < count:
         raise Reject(f"only {made} frames at {fps:g} fps; {count} needed")
 
 
+def to_rgb(frame: av.VideoFrame, width: int, height: int, fmt: str = "rgb24") -> np.ndarray:
+    """The frame as displayed, scaled to width x height (swscale, area-averaging when shrinking): rotated by its
+    display matrix, converted by its own colour matrix and range."""
+    quarter = _rotation(frame) % 180 == 90
+    w, h = (height, width) if quarter else (width, height)
+    same = (w, h) == (frame.width, frame.height)  # a conversion only: swscale's default, as to_ndarray does
+    scaler = None if same else "AREA" if w * h < frame.width * frame.height else "BICUBIC"
+    out = frame.reformat(width=w, height=h, format=fmt, interpolation=scaler,
+                         src_color_range=frame.color_range or None).to_ndarray()
+    return np.rot90(out, _rotation(frame) // 90) if _rotation(frame) else out
+
+
 def transform(frame: av.VideoFrame, g: Geometry) -> np.ndarray:
-    """Scale (swscale, area-averaging when shrinking) and center-crop to RGB [height, width, 3]."""
-    shrink = g.scaled_w < frame.width
-    rgb = frame.reformat(width=g.scaled_w, height=g.scaled_h, format="rgb24",
-                         interpolation="AREA" if shrink else "BICUBIC").to_ndarray()
+    """Scale the displayed frame (square pixels: the stretch of an anamorphic one is in the scale) and center-crop
+    it to RGB [height, width, 3]."""
+    rgb = to_rgb(frame, g.scaled_w, g.scaled_h)
     return np.ascontiguousarray(rgb[g.top:g.top + g.height, g.left:g.left + g.width])
 
 
 def read_frames(path) -> np.ndarray:
-    """Every frame of a video as RGB uint8 [F, H, W, 3] (decord; PyAV when decord cannot read it)."""
-    try:
-        import decord
-
-        vr = decord.VideoReader(str(path), num_threads=1)
-        return vr.get_batch(list(range(len(vr)))).asnumpy()
-    except Exception:  # decord raises its own error types; PyAV may still read it
-        with av.open(str(path)) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        if not frames:
-            raise Reject(f"{path}: no decodable video frames") from None
-        return np.stack(frames)
+    """Every frame of a video as displayed, RGB uint8 [F, H, W, 3] (`decoded`: PyAV, decord as the fallback)."""
+    info, sar = stream_info(path, None)
+    frames = [to_rgb(f, *display_size(f, sar)) for _, f in decoded(path, info.get("stream"))]
+    if not frames:
+        raise Reject(f"{path}: no decodable video frames")
+    return np.stack(frames)

@@ -2,7 +2,8 @@
 81 frames (shorter videos are rejected), cover-scaled so the short side is `--min-side` (720) and
 center-cropped to the nearest aspect bucket (sides multiples of 16), H.264 via PyAV; the first frame
 as the reference image (PNG) and the prompt, from `--captions` (CSV or JSONL; OpenVid-1M's CSV as is)
-or an external `--captioner CMD` (run as `CMD VIDEO`, the caption read from its standard output).
+or an external `--captioner CMD` (run as `CMD VIDEO`, the caption read from its standard output). A video finds
+its caption row by its most specific name (id, relative path, file name, stem: see data_tools.stage.VideoTable).
 
 Outputs: DIR/videos/ID.mp4 and DIR/images/ID.png; the record keeps the source's fields under `source`.
 """
@@ -10,6 +11,7 @@ Outputs: DIR/videos/ID.mp4 and DIR/images/ID.png; the record keeps the source's 
 import functools
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,10 +29,10 @@ from data_tools.media import (
     transform,
     video_metadata,
 )
-from data_tools.stage import Reject, atomic_path, find_video, read_table, video_keys
+from data_tools.stage import Reject, VideoTable, atomic_path, read_table
 
 MEDIA_FIELDS = ("path", "fps", "frames", "duration", "width", "height", "aspect", "codec", "size_bytes", "sha256",
-                "probe_backend")
+                "probe_backend", "stream", "stored_width", "stored_height", "sar", "rotation", "colorspace")
 CAPTION_KEYS = ("caption", "prompt", "text")
 VIDEO_KEYS = ("id", "video", "path", "file", "filename")
 
@@ -45,15 +47,17 @@ class Spec:
     preset: str = "faster"
 
 
-def normalize_video(src, video_out: Path, image_out: Path, geometry: Geometry, spec: Spec) -> dict:
-    """Resample, scale, crop and encode `src` into `video_out` with its first frame in `image_out`, each
-    written under a temporary name and renamed when whole; returns the output's metadata."""
+def normalize_video(src, video_out: Path, image_out: Path, geometry: Geometry, spec: Spec,
+                    stream: int | None = None) -> dict:
+    """Resample, scale, crop and encode `src` (its video stream `stream`, else the best one) into `video_out` with
+    its first frame in `image_out`, each written under a temporary name and renamed when whole; returns the
+    output's metadata."""
     video_out.parent.mkdir(parents=True, exist_ok=True)
     image_out.parent.mkdir(parents=True, exist_ok=True)
     first = []
 
     def frames():
-        for frame in resampled_frames(src, spec.fps, spec.frames):
+        for frame in resampled_frames(src, spec.fps, spec.frames, stream):
             rgb = transform(frame, geometry)
             if not first:
                 first.append(rgb)
@@ -74,23 +78,37 @@ def carried(record: dict, meta: dict, **fields) -> dict:
 
 
 @functools.cache
-def load_captions(path: str) -> dict:
-    """{video key: caption} from a CSV or JSONL file; each row is indexed by its id/video/path value and
-    that value's file name and stem, so OpenVid-1M's `video,caption` rows match our ids."""
-    captions = {}
-    for n, row in enumerate(read_table(path), 1):
-        text = next((row[k] for k in CAPTION_KEYS if row.get(k)), None)
-        keys = [str(row[k]) for k in VIDEO_KEYS if row.get(k)]
-        if text is None or not keys:
-            raise ValueError(f"{path}: row {n} needs one of {VIDEO_KEYS} and one of {CAPTION_KEYS}")
-        for key in keys:
-            captions.update(dict.fromkeys(video_keys(key), text))
-    return captions
+def load_captions(path: str) -> VideoTable:
+    """The captions of a CSV or JSONL file (OpenVid-1M's `video,caption` CSV as is) by video: each row under its
+    id/video/path value. A row whose caption is empty, whitespace, null or missing is kept as such (its videos
+    are rejected naming it); a row that names no video is reported; a file with neither column is an error."""
+    rows, unnamed = [], []
+    table = read_table(path)
+    columns = {k for row in table for k in row}
+    if table and not (columns & set(VIDEO_KEYS) and columns & set(CAPTION_KEYS)):
+        raise ValueError(f"{path}: needs a video column ({'/'.join(VIDEO_KEYS)}) and a caption column "
+                         f"({'/'.join(CAPTION_KEYS)}); found columns {sorted(columns)}")
+    for n, row in enumerate(table, 1):
+        key = next((str(row[k]).strip() for k in VIDEO_KEYS if row.get(k) is not None and str(row[k]).strip()), None)
+        text = next((str(row[k]).strip() for k in CAPTION_KEYS if isinstance(row.get(k), str) and row[k].strip()),
+                    None)
+        if key is None:
+            unnamed.append(n)
+        else:
+            rows.append((n, key, text))
+    if unnamed:
+        print(f"{path}: rows {unnamed[:10]} name no video ({'/'.join(VIDEO_KEYS)}): ignored", file=sys.stderr)
+    return VideoTable(path, rows)
 
 
 def _caption(record: dict, captions: str | None) -> str | None:
-    found = find_video(load_captions(captions), record) if captions else None
-    return found if found is not None else record.get("prompt")
+    found = load_captions(captions).find(record) if captions else None
+    if found is None:
+        return record.get("prompt")
+    n, text = found
+    if text is None:
+        raise Reject(f"caption row {n} of {captions} has no caption (empty, missing or null)")
+    return text
 
 
 def _run_captioner(command: str, video: Path) -> str:
@@ -112,7 +130,7 @@ def normalize(record: dict, spec: Spec, out_dir: str, captions: str | None, capt
     out = Path(out_dir)
     video, image = out / "videos" / f"{record['id']}.mp4", out / "images" / f"{record['id']}.png"
     new = normalize_video(record["path"], video, image, cover_geometry(meta["width"], meta["height"], width, height),
-                          spec)
+                          spec, meta.get("stream"))
     if prompt is None:
         prompt = _run_captioner(captioner, video)
     return carried(record, new, path=str(video), image=str(image), prompt=prompt, aspect_bucket=aspect)

@@ -7,18 +7,23 @@ video that fails it. Outputs in DIR:
 - `manifest[.I-of-N].jsonl`: accepted records, in input order, carrying forward every earlier field;
 - `rejects[.I-of-N].jsonl`: `{"id", "path", "reason", "stage"}` per rejected record.
 Manifests are written under a temporary name and renamed when complete; a record whose journal line
-is not complete is simply done again. A crash inside a worker (a decoder can segfault on a bad file)
-rejects that record and the run goes on.
+is not complete is simply done again (a torn last line is truncated). A crash inside a worker (a decoder
+can segfault on a bad file) rejects that record and the run goes on; workers die with the stage's process
+(even under kill -9), and the next run removes the temporary files a killed one left.
 """
 
 import concurrent.futures as cf
 import contextlib
 import csv
+import ctypes
 import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
+import threading
+import time
 from collections import Counter, deque
 from pathlib import Path
 
@@ -32,9 +37,9 @@ class Reject(Exception):
 
 
 def read_jsonl(path) -> list[dict]:
-    """Records of a JSONL file; a malformed line is an error naming file and line."""
+    """Records of a JSONL file (a UTF-8 BOM is read); a malformed line is an error naming file and line."""
     records = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -44,31 +49,73 @@ def read_jsonl(path) -> list[dict]:
     return records
 
 
-def read_journal(path) -> list[dict]:
-    """Records of an append-only JSONL journal (none when it does not exist); a line cut by a kill is not one."""
+def read_journal(path, repair: bool = False) -> list[dict]:
+    """Records of an append-only JSONL journal (none when it does not exist). A line cut by a kill or a full disk
+    (no newline, or not JSON) is not one: the record is done again; with `repair`, a torn tail is truncated so
+    the next line appended starts on a line of its own."""
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
+    with open(path, "rb") as f:
+        data = f.read()
+    whole = data[:data.rfind(b"\n") + 1]
+    if repair and len(whole) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(whole))
+        print(f"{path}: ignored a torn last line ({len(data) - len(whole)} bytes, truncated)", file=sys.stderr)
+    records = []
+    for n, line in enumerate(whole.decode("utf-8", errors="replace").splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if line.strip():
+                print(f"{path}:{n}: not a complete journal line, ignored (its record is done again)",
+                      file=sys.stderr)
+    return records
 
 
 def read_table(path) -> list[dict]:
-    """Rows of a CSV (header row) or JSONL file, chosen by extension."""
+    """Rows of a CSV (header row) or JSONL file, chosen by extension; a UTF-8 BOM (as Excel writes) is read."""
     if Path(path).suffix == ".jsonl":
         return read_jsonl(path)
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         return list(csv.DictReader(f))
 
 
-def video_keys(name: str) -> tuple[str, str, str]:
-    """The names a video is known by in side tables (captions, mappings): as given, its file name, its stem."""
-    return name, Path(name).name, Path(name).stem
+def _key(name: str) -> str:
+    return str(name).strip().replace("\\", "/").removeprefix("./")
 
 
-def find_video(table: dict, record: dict):
-    """The entry of `table` for a record, by its id or its file's name or stem; None when absent."""
-    keys = (record["id"], *video_keys(record["path"])[1:])
-    return next((table[k] for k in keys if k in table), None)
+def record_keys(record: dict) -> list[str]:
+    """The names a record is known by in side tables, most specific first: its id, then its file's path and every
+    shorter tail of it down to the file name, each with and without the extension (`/raw/dirA/clip.mp4`,
+    `raw/dirA/clip.mp4`, `raw/dirA/clip`, ..., `clip.mp4`, `clip`)."""
+    path = Path(record["path"])
+    parts = path.with_suffix("").parts
+    keys = [record["id"], str(path)]
+    for k in range(len(parts), 0, -1):
+        tail = "/".join(parts[-k:]).lstrip("/")
+        keys += [tail + path.suffix, tail]
+    return list(dict.fromkeys(_key(k) for k in keys))
+
+
+class VideoTable:
+    """A side table keyed by video (captions, a mapping): `rows` are (row number, key as written, value). A
+    record gets the row of its most specific key (`record_keys`), so `dirA/clip.mp4` and `dirB/clip.mp4` are
+    told apart; one key on rows with different values is refused, naming the rows."""
+
+    def __init__(self, path, rows):
+        self.path, self.rows = path, {}
+        for n, key, value in rows:
+            self.rows.setdefault(_key(key), []).append((n, value))
+        clashes = [f"{k!r} (rows {', '.join(str(n) for n, _ in found)})" for k, found in self.rows.items()
+                   if len({json.dumps(v, sort_keys=True, default=str) for _, v in found}) > 1]
+        if clashes:
+            raise ValueError(f"{path}: ambiguous: one video named on rows with different values: "
+                             f"{'; '.join(clashes[:5])}")
+
+    def find(self, record: dict):
+        """(row number, value) of the record's row; None when no row names it."""
+        return next((self.rows[k][0] for k in record_keys(record) if k in self.rows), None)
 
 
 @contextlib.contextmanager
@@ -103,19 +150,56 @@ def _manifest_parts(directory: Path) -> list[Path]:
     return parts
 
 
-def input_records(source) -> list[dict]:
-    """Records from a JSONL manifest, a stage's output directory (its manifest, or all its shard parts), or a
-    directory of videos (every file below it, hidden ones excepted: id = relative path without extension)."""
+def read_inputs(source) -> tuple[list[dict], list[dict]]:
+    """(records, rejects) of `--in`: a JSONL manifest, a stage's output directory (its manifest, or all its shard
+    parts), or a directory of videos: every entry below it except hidden ones (a name starting with '.', below
+    the directory itself), id = relative path without extension. A dangling link, an entry that is not a file,
+    and a file whose id an earlier one has (`a.mp4`, `a.mov`) are rejects `{id, path, reason}`."""
     source = Path(source)
     if source.is_file():
-        return read_jsonl(source)
+        return read_jsonl(source), []
     if not source.is_dir():
         raise FileNotFoundError(f"--in {source}: no such file or directory")
     parts = _manifest_parts(source)
     if parts:
-        return [r for p in parts for r in read_jsonl(p)]
-    files = sorted(p for p in source.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts))
-    return [{"id": str(p.relative_to(source).with_suffix("")), "path": str(p.resolve())} for p in files]
+        return [r for p in parts for r in read_jsonl(p)], []
+    records, rejects, seen = [], [], {}
+    for p in sorted(source.rglob("*")):
+        rel = p.relative_to(source)
+        if any(s.startswith(".") for s in rel.parts) or (p.is_dir() and not p.is_symlink()):
+            continue
+        entry = {"id": str(rel.with_suffix("")), "path": str(p.absolute())}
+        if p.is_symlink() and not p.exists():
+            rejects.append({**entry, "id": str(rel), "reason": f"dangling symbolic link to {os.readlink(p)}"})
+        elif p.is_dir():
+            rejects.append({**entry, "id": str(rel), "reason": "symbolic link to a folder (not followed)"})
+        elif not p.is_file():
+            rejects.append({**entry, "id": str(rel), "reason": "not a regular file"})
+        elif entry["id"] in seen:
+            rejects.append({**entry, "id": str(rel), "reason": f"same id {entry['id']!r} as {seen[entry['id']]} "
+                            "(ids are relative paths without extension): rename one"})
+        else:
+            seen[entry["id"]] = str(rel)
+            records.append({**entry, "path": str(p.resolve())})
+    return records, rejects
+
+
+def input_records(source) -> list[dict]:
+    """The records of `--in` (see read_inputs); the rejected entries of a directory are named on stderr."""
+    records, rejects = read_inputs(source)
+    for r in rejects:
+        print(f"{source}: skipped {r['path']}: {r['reason']}", file=sys.stderr)
+    return records
+
+
+def no_inputs(source) -> str:
+    """Why `--in` gave no records, for the error message."""
+    rejects = Path(source) / "rejects.jsonl"
+    if rejects.exists():
+        found = read_journal(rejects)
+        return (f"{source}: no inputs: its manifest is empty ({len(found)} rejected by the stage that wrote it, "
+                f"see {rejects})")
+    return f"{source}: no inputs (no video files, or an empty manifest)"
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -137,7 +221,26 @@ def _apply(process, record) -> dict:
     except Reject as e:
         return {"rejected": str(e)}
     except Exception as e:  # a bad file never stops a run
-        return {"rejected": f"{type(e).__name__}: {e}"}
+        from data_tools.media import clean_reason
+
+        return {"rejected": f"{type(e).__name__}: {clean_reason(e)}"}
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def die_with_parent(parent: int) -> None:
+    """Worker initializer: the worker is killed when the stage's process dies, even by SIGKILL (Linux:
+    PR_SET_PDEATHSIG; elsewhere a thread that watches the parent)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
 
 
 def _run_pool(process, todo, workers, on_done):
@@ -147,7 +250,8 @@ def _run_pool(process, todo, workers, on_done):
     ctx = multiprocessing.get_context("spawn")
     while queue or suspects:
         source, width = (queue, workers) if queue else (suspects, 1)
-        with cf.ProcessPoolExecutor(max_workers=width, mp_context=ctx) as pool:
+        with cf.ProcessPoolExecutor(max_workers=width, mp_context=ctx, initializer=die_with_parent,
+                                    initargs=(os.getpid(),)) as pool:
             running = {}
             try:
                 while source or running:
@@ -165,21 +269,51 @@ def _run_pool(process, todo, workers, on_done):
                     suspects.extend(running.values())
 
 
-def run_stage(name: str, records: list[dict], process, out_dir, *, workers: int = 1, shard=(0, 1)) -> dict:
-    """Run `process` over `records` (this shard's share), resumably; write manifest and rejects; return a summary."""
+_TEMPORARY = re.compile(r"^\.(.+)\.tmp-\d+(\.[^.]*)?$")  # atomic_path's names
+
+
+def remove_leftovers(out: Path, ids, suffix: str) -> int:
+    """Remove the temporary files a killed run left in `out`: those of the records `ids` (not journaled, so no
+    other shard writes them) and of this shard's manifest and rejects; returns how many."""
+    ids, mine, removed = set(ids), {f"manifest{suffix}", f"rejects{suffix}"}, 0
+    for tmp in out.rglob(".*.tmp-*"):
+        m = _TEMPORARY.match(tmp.name)
+        rel = tmp.parent.relative_to(out).parts
+        if m and (m.group(1) in mine if not rel else "/".join((*rel[1:], m.group(1))) in ids):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _grouped(rejects: list[dict]) -> list[tuple[int, dict]]:
+    """Rejects grouped by the words of their first reason (numbers aside): (count, a real example), most first."""
+    groups = {}
+    for r in rejects:
+        groups.setdefault(re.sub(r"\d+(\.\d+)?", "#", r["reason"].split("; ")[0].split(" | ")[0]), []).append(r)
+    return sorted(((len(g), g[0]) for g in groups.values()), key=lambda x: -x[0])
+
+
+def run_stage(name: str, records: list[dict], process, out_dir, *, workers: int = 1, shard=(0, 1),
+              rejected_inputs=()) -> dict:
+    """Run `process` over `records` (this shard's share), resumably; write manifest and rejects; return a summary.
+    `rejected_inputs` (read_inputs' rejects: {id, path, reason}) are journaled as rejects without a worker."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ids = Counter(r.get("id") for r in records)
+    everything = [*records, *({**r, "input_reject": r["reason"]} for r in rejected_inputs)]
+    ids = Counter(r.get("id") for r in everything)
     dupes = [i for i, n in ids.items() if n > 1 or i is None]
     if dupes:
         raise ValueError(f"{name}: input records need unique 'id' fields; duplicated or missing: {dupes[:5]}")
     i, n = shard
     suffix = "" if n == 1 else f".{i}-of-{n}"
-    mine = [r for k, r in enumerate(records) if k % n == i]
+    mine = [r for k, r in enumerate(everything) if k % n == i]
     journal_path = out / f"journal{suffix}.jsonl"
-    done = {entry["id"]: entry for entry in read_journal(journal_path)}
+    done = {entry["id"]: entry for entry in read_journal(journal_path, repair=True)}
     todo = [r for r in mine if r["id"] not in done]
     skipped = len(mine) - len(todo)
+    removed = remove_leftovers(out, (r["id"] for r in todo), suffix)
+    if removed:
+        print(f"{name}: removed {removed} temporary files of an earlier run that was killed", file=sys.stderr)
     bar = tqdm(total=len(todo), desc=name, unit="video", file=sys.stderr, disable=not todo)
     with open(journal_path, "a", encoding="utf-8") as journal:
 
@@ -192,14 +326,19 @@ def run_stage(name: str, records: list[dict], process, out_dir, *, workers: int 
             done[record["id"]] = entry
             bar.update()
 
-        if todo:
-            _run_pool(process, todo, workers, on_done)
+        for r in todo:
+            if "input_reject" in r:
+                on_done(r, {"rejected": r["input_reject"], "stage": "input"})
+        work = [r for r in todo if "input_reject" not in r]
+        if work:
+            _run_pool(process, work, workers, on_done)
     bar.close()
     accepted, rejects = [], []
     for r in mine:
         entry = done[r["id"]]
         if "rejected" in entry:
-            rejects.append({"id": r["id"], "path": entry.get("path"), "reason": entry["rejected"], "stage": name})
+            rejects.append({"id": r["id"], "path": entry.get("path"), "reason": entry["rejected"],
+                            "stage": entry.get("stage", name)})
         else:
             accepted.extend(entry["accepted"])
     write_jsonl(out / f"manifest{suffix}.jsonl", accepted)
@@ -208,7 +347,8 @@ def run_stage(name: str, records: list[dict], process, out_dir, *, workers: int 
                "rejected": len(rejects), "already_done": skipped}
     print(f"{name}: {len(mine)} inputs, {len(accepted)} accepted, {len(rejects)} rejected "
           f"({skipped} already done) -> {out}")
-    kinds = Counter(re.sub(r"\d+(\.\d+)?", "#", r["reason"].split("; ")[0])[:80] for r in rejects)
-    for reason, count in kinds.most_common(5):
-        print(f"  rejected {count}: {reason}")
+    for count, example in _grouped(rejects)[:5]:
+        reason = example["reason"] if len(example["reason"]) <= 160 else example["reason"][:160].rsplit(" ", 1)[0]
+        print(f"  rejected {count}" + (f", e.g. {example['id']}: " if count > 1 else f": {example['id']}: ")
+              + reason + ("" if reason == example["reason"] else " ..."))
     return summary

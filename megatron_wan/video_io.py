@@ -2,9 +2,13 @@
 
 import av
 
+BT709 = 1  # AVCOL_SPC_BT709 = AVCOL_PRI_BT709 = AVCOL_TRC_BT709
+LIMITED = 1  # AVCOL_RANGE_MPEG
+
 
 def encode_h264(path, frames, fps: int, crf: int, preset: str) -> int:
-    """Encode RGB frames to an H.264 (yuv420p) MP4 at exactly `fps`; returns the frame count."""
+    """Encode RGB frames to an H.264 (yuv420p) MP4 at exactly `fps`, converted by the BT.709 matrix (limited range)
+    and tagged so (primaries, transfer, matrix, range), as HD video is read; returns the frame count."""
     n = 0
     with av.open(str(path), "w", format="mp4") as out:
         stream = None
@@ -14,7 +18,10 @@ def encode_h264(path, frames, fps: int, crf: int, preset: str) -> int:
                 stream.height, stream.width = rgb.shape[:2]
                 stream.pix_fmt = "yuv420p"
                 stream.options = {"crf": str(crf), "preset": preset}
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                cc = stream.codec_context
+                cc.colorspace, cc.color_primaries, cc.color_trc, cc.color_range = BT709, BT709, BT709, LIMITED
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
+                format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
             frame.pts = n
             out.mux(stream.encode(frame))
             n += 1
