@@ -37,7 +37,7 @@ from megatron_wan.objectives.flow_matching import FlowMatching
 from megatron_wan.objectives.pair_step import PairBatch, PairObjective
 from megatron_wan.objectives.reference import make_reference
 from megatron_wan.run_log import CollapseWatchdog, RunLog
-from megatron_wan.validation import Validator
+from megatron_wan.validation import Validator, val_pairs_path
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -81,6 +81,7 @@ class Trainer:
         run = cfg.run
         parallel.initialize(run.tensor_parallel, run.context_parallel, seed=run.seed)
         validate(cfg, dist.get_world_size())
+        self.val_path = val_pairs_path(cfg)
         self.rank = dist.get_rank()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.device = self.device or torch.device("cpu")
@@ -136,13 +137,7 @@ class Trainer:
     def _watchers(self):
         """The Validator (run.validate_every) and StepSampler (run.sample_every) of this run, or None."""
         cfg, run = self.cfg, self.cfg.run
-        val = None
-        if run.validate_every or (run.sample_every and not run.sample_prompts):
-            path = Path(cfg.data.val_pairs or Path(cfg.data.dir) / "test.jsonl")
-            if not path.exists() or not path.read_text().strip():
-                raise ConfigError(f"data.val_pairs: {path} is missing or empty; validation (run.validate_every) and "
-                                  "samples without run.sample_prompts need held-out pairs")
-            val = PairDataset(cfg.data.dir, path, cfg.data.text_len)
+        val = PairDataset(cfg.data.dir, self.val_path, cfg.data.text_len) if self.val_path else None
         validator = None
         if run.validate_every:
             validator = Validator(val, run.validate_pairs, self.objective, self.device, autocast=self.autocast,

@@ -10,14 +10,29 @@ computed from them at once: means over the whole split, whatever the layout.
 
 import hashlib
 import math
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from megatron_wan.config import ConfigError
 from megatron_wan.data.loader import collate, to_pair_batch
 from megatron_wan.objectives.pair_step import PairObjective
 
 VALIDATION_STEP = -1  # the flow-matching step of every validation draw; training draws steps >= 0, never this one
+
+
+def val_pairs_path(cfg) -> Path | None:
+    """The held-out pairs this run reads (data.val_pairs, default DIR/test.jsonl), or None when it needs none;
+    a missing or empty file is a ConfigError naming data.val_pairs."""
+    run = cfg.run
+    if not (run.validate_every or (run.sample_every and not run.sample_prompts)):
+        return None
+    path = Path(cfg.data.val_pairs or Path(cfg.data.dir) / "test.jsonl")
+    if not path.is_file() or not path.read_text(encoding="utf-8").strip():
+        raise ConfigError(f"data.val_pairs: {path} is missing or empty; validation (run.validate_every) and samples "
+                          "without run.sample_prompts need held-out pairs")
+    return path
 
 
 def pair_seed(pair_id: str) -> int:
