@@ -11,7 +11,8 @@ non-blocking copies on CUDA), then a stand-in for forward + backward: matmuls on
 last `--compute-ms` (the time the main thread waits on the model in a real step). Before every pass the shard's
 pages are dropped from the page cache (posix_fadvise DONTNEED) so each pass reads the file from disk. Passes
 alternate between the two settings; per pass the mean step time of the steps after the first (worker start-up and
-the first read excluded). Printed: the median of each and the ratio inline / loader.
+the first read excluded); a third pass times the inline reads alone. Printed: the median of each and the ratio
+inline / loader.
 """
 
 import argparse
@@ -65,8 +66,8 @@ def _drop_page_cache(directory: Path) -> None:
             os.close(fd)
 
 
-def _pass(data: Path, workers: int, prefetch: int, steps: int, work: StandIn, device) -> float:
-    """Mean step time of steps 2..`steps` of one pass, from a cold page cache."""
+def _pass(data: Path, workers: int, prefetch: int, steps: int, work: StandIn | None, device) -> float:
+    """Mean step time of steps 2..`steps` of one pass, from a cold page cache (`work` None: the reads alone)."""
     _drop_page_cache(data)
     dataset = PairDataset(data, text_len=64)
     loader = PairLoader(dataset, BucketBatchSampler(dataset.shapes, 1, seed=0), num_workers=workers,
@@ -75,7 +76,8 @@ def _pass(data: Path, workers: int, prefetch: int, steps: int, work: StandIn, de
     for _ in range(steps):
         start = time.perf_counter()
         batch = to_pair_batch(next(loader), device, non_blocking=device.type == "cuda")
-        work()
+        if work is not None:
+            work()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -101,17 +103,19 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="loader_bench_", dir=args.dir) as root:
         data = write_dataset(Path(root) / "data", GRID_720P, pairs=args.pairs)
         mb = sum(p.stat().st_size for p in data.glob("*.bin")) / args.pairs / 1e6
-        inline, loader = [], []
-        for _ in range(args.repeats):  # alternate, so that drift in the machine hits both alike
+        inline, loader, reads = [], [], []
+        for _ in range(args.repeats):  # alternate, so that drift in the machine hits all alike
             inline.append(_pass(data, 0, args.prefetch, args.steps, work, device))
             loader.append(_pass(data, args.workers, args.prefetch, args.steps, work, device))
-    t_inline, t_loader = statistics.median(inline), statistics.median(loader)
+            reads.append(_pass(data, 0, args.prefetch, args.steps, None, device))
+    t_inline, t_loader, t_read = statistics.median(inline), statistics.median(loader), statistics.median(reads)
     summary = {"device": device.type, "latent": [16, *GRID_720P], "mb_per_pair": mb, "compute_ms": args.compute_ms,
-               "workers": args.workers, "prefetch": args.prefetch, "step_s_inline": t_inline,
+               "workers": args.workers, "prefetch": args.prefetch, "read_s": t_read, "step_s_inline": t_inline,
                "step_s_loader": t_loader, "inline_over_loader": t_inline / t_loader}
     print(f"loader: {mb:.1f} MB a pair of 720p latents read cold, stand-in model {args.compute_ms:.0f} ms on "
           f"{device.type}: step {t_inline * 1e3:.0f} ms inline, {t_loader * 1e3:.0f} ms with {args.workers} workers "
-          f"x prefetch {args.prefetch}: ratio {t_inline / t_loader:.2f} (median of {args.repeats} passes each)")
+          f"x prefetch {args.prefetch}: ratio {t_inline / t_loader:.2f} (reading alone {t_read * 1e3:.0f} ms a "
+          f"step; median of {args.repeats} passes each)")
     print(json.dumps(summary))
     return summary
 
