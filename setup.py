@@ -31,6 +31,7 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.66",
         "tensorboard>=2.16",
+        "moviepy>=1.0.3,<2",  # TensorBoard's add_video (torch imports moviepy.editor, gone in moviepy 2)
         "matplotlib>=3.7",  # curves (constrained layout with an outside legend)
     ],
     entry_points={"console_scripts": ["megatron-wan-train = megatron_wan.train:main"]},

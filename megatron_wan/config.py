@@ -42,7 +42,9 @@ class ModelConfig:
 class DataConfig:
     dir: str = ""  # an encoded dataset (python -m data_tools encode)
     pairs: str | None = None  # default: DIR/train.jsonl
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes reading batches ahead (0: read on the main thread)
+    prefetch: int = 2  # batches each worker reads ahead (with num_workers > 0)
+    val_pairs: str | None = None  # validation and sample pairs; default: DIR/test.jsonl
     text_len: int = 512
 
 
@@ -106,6 +108,13 @@ class RunConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run aborts
     collapse_gap: float = 0.0  # watchdog: warn when Win Gap and Lose Gap both exceed this ...
     collapse_steps: int = 20  # ... for this many consecutive steps
+    validate_every: int = 0  # validation on data.val_pairs every N steps and at the end (0: never)
+    validate_pairs: int = 64  # at most this many validation pairs (the first ones)
+    sample_every: int = 0  # videos of a few fixed prompts every N steps (0: never)
+    sample_prompts: str | None = None  # a prompt file (.txt, or .jsonl of {prompt[, image]}); default: data.val_pairs
+    sample_count: int = 2  # prompts sampled (the first of the file or of the validation pairs)
+    sample_steps: int = 8  # UniPC steps of those samples
+    sample_guidance_scale: float = 5.0  # their classifier-free guidance against Wan's negative prompt (<= 1: off)
 
 
 @dataclass
@@ -240,6 +249,11 @@ def validate(cfg: Config, world_size: int | None = None, latent_shapes=None) -> 
                 "run.keep_last", "run.log_every", "run.max_bad_steps"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}: expected >= 1, found {_get(cfg, key)}")
+    for key, least in (("data.num_workers", 0), ("data.prefetch", 1), ("run.validate_every", 0),
+                       ("run.validate_pairs", 1), ("run.sample_every", 0), ("run.sample_count", 1),
+                       ("run.sample_steps", 1)):
+        if _get(cfg, key) < least:
+            raise ConfigError(f"{key}: expected >= {least}, found {_get(cfg, key)}")
     if cfg.model.weights is None and cfg.model.preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown {cfg.model.preset!r}; known: {sorted(PRESETS)}")
     if obj.mode != "sft":

@@ -35,35 +35,41 @@ def folder_task(model_dir) -> str:
 
 
 class WanEncoders:
-    """umT5, the Wan VAE and (I2V) CLIP from `model_dir`, in `dtype`, run on `device`."""
+    """umT5, the Wan VAE and (I2V) CLIP from `model_dir`, in `dtype`, run on `device`; `components` (default: the
+    task's) loads only some, e.g. ("vae",) to decode."""
 
-    def __init__(self, model_dir, task: str | None = None, device="cpu", dtype=torch.float32, offload: bool = False):
+    def __init__(self, model_dir, task: str | None = None, device="cpu", dtype=torch.float32, offload: bool = False,
+                 components: tuple | None = None):
         from diffusers import AutoencoderKLWan
         from diffusers.video_processor import VideoProcessor
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
         self.model_dir = Path(model_dir)
         self.task = task or folder_task(model_dir)
-        missing = [c for c in COMPONENTS[self.task] if not (self.model_dir / c).is_dir()]
+        wanted = COMPONENTS[self.task] if components is None else tuple(components)
+        missing = [c for c in wanted if not (self.model_dir / c).is_dir()]
         if missing:
             raise FileNotFoundError(f"{self.model_dir}: {self.task} encoding needs the diffusers subfolders "
-                                    f"{list(COMPONENTS[self.task])}; missing {missing}")
+                                    f"{list(wanted)}; missing {missing}")
         self.device, self.dtype, self.offload = torch.device(device), dtype, offload
         self.offload_device = torch.device("cpu") if offload else self.device
         load = dict(torch_dtype=dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer")
-        self.text_encoder = UMT5EncoderModel.from_pretrained(self.model_dir / "text_encoder", **load)
-        self.vae = AutoencoderKLWan.from_pretrained(self.model_dir / "vae", **load)
-        self.image_encoder = self.image_processor = None
-        if self.task == "i2v":
-            self.image_encoder = CLIPVisionModel.from_pretrained(self.model_dir / "image_encoder", **load)
-            self.image_processor = CLIPImageProcessor.from_pretrained(self.model_dir / "image_processor")
+
+        def maybe(name, loader, **kwargs):
+            return loader.from_pretrained(self.model_dir / name, **kwargs) if name in wanted else None
+
+        self.tokenizer = maybe("tokenizer", AutoTokenizer)
+        self.text_encoder = maybe("text_encoder", UMT5EncoderModel, **load)
+        self.vae = maybe("vae", AutoencoderKLWan, **load)
+        self.image_encoder = maybe("image_encoder", CLIPVisionModel, **load)
+        self.image_processor = maybe("image_processor", CLIPImageProcessor)
         for m in self._modules():
             m.requires_grad_(False).eval().to(self.offload_device)
-        self.video_processor = VideoProcessor(vae_scale_factor=self.vae.spatial_compression_ratio)
-        c = self.vae.config
-        self.latents_mean = torch.tensor(c.latents_mean, dtype=torch.float32).view(1, c.z_dim, 1, 1, 1)
-        self.latents_std = torch.tensor(c.latents_std, dtype=torch.float32).view(1, c.z_dim, 1, 1, 1)
+        if self.vae is not None:
+            self.video_processor = VideoProcessor(vae_scale_factor=self.vae.spatial_compression_ratio)
+            c = self.vae.config
+            self.latents_mean = torch.tensor(c.latents_mean, dtype=torch.float32).view(1, c.z_dim, 1, 1, 1)
+            self.latents_std = torch.tensor(c.latents_std, dtype=torch.float32).view(1, c.z_dim, 1, 1, 1)
 
     def _modules(self):
         return [m for m in (self.text_encoder, self.vae, self.image_encoder) if m is not None]

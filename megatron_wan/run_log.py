@@ -1,5 +1,6 @@
-"""Per-step metrics to `metrics.jsonl`, TensorBoard and (when configured) Weights & Biases, on rank 0; and the
-collapse watchdog: Win Gap and Lose Gap climbing together is how DPO collapses (the paper's Fig. 2, Sec. 4.3)."""
+"""Per-step metrics to `metrics.jsonl`, TensorBoard and (when configured) Weights & Biases, sample videos to the latter
+two, on rank 0; and the collapse watchdog: Win Gap and Lose Gap climbing together is how DPO collapses (the paper's
+Fig. 2, Sec. 4.3)."""
 
 import json
 import warnings
@@ -37,6 +38,20 @@ class RunLog:
                     self.tb.add_scalar(name, value, step)
         if self.wandb:
             self.wandb.log(metrics, step=step)
+
+    def log_videos(self, step: int, videos: dict, fps: int) -> None:
+        """{tag: (RGB uint8 frames [F, H, W, 3], its mp4 path)} to TensorBoard (add_video) and W&B."""
+        if self.tb:
+            import torch
+
+            for tag, (frames, _) in videos.items():  # add_video takes [N, T, C, H, W]
+                self.tb.add_video(tag, torch.from_numpy(frames).permute(0, 3, 1, 2)[None], step, fps=fps)
+            self.tb.flush()
+        if self.wandb:
+            import wandb
+
+            self.wandb.log({tag: wandb.Video(str(path), fps=fps, format="mp4") for tag, (_, path) in videos.items()},
+                           step=step)
 
     def close(self) -> None:
         self.file.close()

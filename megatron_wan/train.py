@@ -2,8 +2,10 @@
 
 SFT, DPO and Reg-DPO of Wan 2.1 (T2V, I2V) on pre-encoded pair shards, with the Megatron-Core engine (TP, CP,
 DP) or the DeepSpeed ZeRO-3 engine. Writes OUT/metrics.jsonl (+ TensorBoard), OUT/checkpoints/step_N/,
-OUT/flops.json and OUT/summary.json. SIGTERM / SIGUSR1 (SLURM pre-emption) make every rank save and exit;
-a re-launch with the same output_dir resumes exactly where it stopped.
+OUT/flops.json and OUT/summary.json; with run.validate_every, `val/*` rows in metrics.jsonl
+(megatron_wan.validation); with run.sample_every, videos under OUT/samples/step_N/ (megatron_wan.train_samples).
+SIGTERM / SIGUSR1 (SLURM pre-emption) make every rank save and exit; a re-launch with the same output_dir resumes
+exactly where it stopped.
 """
 
 import argparse
@@ -21,19 +23,21 @@ import yaml
 from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
-from megatron_wan import checkpointing, parallel
+from megatron_wan import checkpointing, parallel, train_samples
 from megatron_wan.bench.flops import step_flops, video_tokens
 from megatron_wan.bench.meters import peak_flops
 from megatron_wan.config import Config, ConfigError, load_config, validate
 from megatron_wan.data.datasets import PairDataset
+from megatron_wan.data.loader import PairLoader, to_pair_batch
 from megatron_wan.data.samplers import BucketBatchSampler
 from megatron_wan.engines import build_engine
 from megatron_wan.model import WanModel, preset
 from megatron_wan.model.lora import apply_lora
 from megatron_wan.objectives.flow_matching import FlowMatching
-from megatron_wan.objectives.pair_step import Conditions, PairBatch, PairObjective
+from megatron_wan.objectives.pair_step import PairBatch, PairObjective
 from megatron_wan.objectives.reference import make_reference
 from megatron_wan.run_log import CollapseWatchdog, RunLog
+from megatron_wan.validation import Validator, val_pairs_path
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -79,6 +83,7 @@ class Trainer:
         parallel.initialize(run.tensor_parallel, run.context_parallel, seed=run.seed)
         self.dataset = PairDataset(cfg.data.dir, cfg.data.pairs, cfg.data.text_len)
         validate(cfg, dist.get_world_size(), self.dataset.shapes)  # before the model: CP must take these videos
+        self.val_path = val_pairs_path(cfg)
         self.rank = dist.get_rank()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.device = self.device or torch.device("cpu")
@@ -110,6 +115,8 @@ class Trainer:
         o = cfg.objective
         self.objective = PairObjective(FlowMatching(o.shift, o.timestep_sampling, seed=run.seed), o.mode, o.beta,
                                        o.sft_weight, o.pair_mode)
+        self.loader = PairLoader(self.dataset, self.sampler, num_workers=cfg.data.num_workers,
+                                 prefetch=cfg.data.prefetch, pin_memory=self.device.type == "cuda")
         self.step, self.skipped, self.bad_in_row = 0, 0, 0
         self.watchdog = CollapseWatchdog(run.collapse_gap, run.collapse_steps)
         self.stop_requested = False
@@ -118,37 +125,44 @@ class Trainer:
         if resume_from:
             trainer_state, rank_state = checkpointing.load(resume_from, self.engine)
             self.step, self.skipped = trainer_state["step"], trainer_state["skipped"]
-            self.sampler.load_state_dict(rank_state["sampler"])
+            self.loader.load_state_dict(rank_state["sampler"])
             checkpointing.set_rng_state(rank_state["rng"])
         self.resumed_from = str(resume_from) if resume_from else None
-        self.batches = iter(self.sampler)
         self.peak, self.peak_source = peak_flops(torch.bfloat16 if self.autocast else torch.float32)
         self.log = None
         if self.rank == 0:
             self.log = RunLog(self.out, resume_step=self.step, tensorboard=run.tensorboard,
                               wandb_project=run.wandb_project, config=cfg.to_dict())
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.validator, self.step_sampler = self._watchers()
+        self.watch_seconds = {"validation": 0.0, "sampling": 0.0}
+
+    def _watchers(self):
+        """The Validator (run.validate_every) and StepSampler (run.sample_every) of this run, or None."""
+        cfg, run = self.cfg, self.cfg.run
+        val = PairDataset(cfg.data.dir, self.val_path, cfg.data.text_len) if self.val_path else None
+        validator = None
+        if run.validate_every:
+            validator = Validator(val, run.validate_pairs, self.objective, self.device, autocast=self.autocast,
+                                  group=ps.get_data_parallel_group())
+        sampler = None
+        if run.sample_every:
+            encoder_dir = self.dataset.manifest.get("model")
+            if not encoder_dir or not Path(encoder_dir).is_dir():
+                raise ConfigError(f"run.sample_every: {self.dataset.directory / 'manifest.json'} names no encoder "
+                                  f"folder to decode samples with (model: {encoder_dir!r})")
+            if self.rank == 0:
+                train_samples.prepare_conditions(cfg, val, self.dataset.shapes[0], encoder_dir,
+                                                 self.out / "samples" / "conditions.pt")
+            dist.barrier()
+            sampler = train_samples.StepSampler(cfg, encoder_dir, self.out, self.device, autocast=self.autocast)
+        return validator, sampler
 
     # -- one step ----------------------------------------------------------------------------------
 
-    def _next_indices(self) -> list[int]:
-        try:
-            return next(self.batches)
-        except StopIteration:  # the sampler has moved on to the next epoch
-            self.batches = iter(self.sampler)
-            return next(self.batches)
-
-    def _batch(self, indices) -> PairBatch:
-        items = [self.dataset[i] for i in indices]
-
-        def stack(name):
-            return torch.stack([it[name] for it in items]).to(self.device, torch.float32)
-
-        i2v = self.dataset.task == "i2v"
-        conditions = Conditions(stack("text_emb"), stack("clip_emb") if i2v else None,
-                                stack("cond_latent") if i2v else None)
-        lose = stack("loser_latent") if self.cfg.objective.mode != "sft" else None
-        return PairBatch(stack("winner_latent"), lose, conditions, list(indices))
+    def _batch(self) -> PairBatch:
+        return to_pair_batch(next(self.loader), self.device, self.cfg.objective.mode != "sft",
+                             non_blocking=self.device.type == "cuda")
 
     def _mean_over_dp(self, metrics: dict) -> dict:
         names = sorted(metrics)
@@ -165,7 +179,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
-        batch = self._batch(self._next_indices())
+        batch = self._batch()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.objective.step(self.engine.model, self.reference, batch, self.step,
                                       backward=self.engine.backward)
@@ -202,8 +216,29 @@ class Trainer:
 
     def save(self) -> None:
         state = {"step": self.step, "skipped": self.skipped, "config": self.cfg.to_dict()}
-        rank_state = {"sampler": self.sampler.state_dict(), "rng": checkpointing.rng_state()}
+        rank_state = {"sampler": self.loader.state_dict(), "rng": checkpointing.rng_state()}
         checkpointing.save(self.ckpt_root, self.step, self.engine, state, rank_state, self.cfg.run.keep_last)
+
+    def _watch(self, final: bool) -> None:
+        """Validation and samples when due, their seconds logged (and outside the step-time metrics); the RNG
+        states are left as they were, so that training continues as it would without them."""
+        run = self.cfg.run
+        rng = checkpointing.rng_state()
+        if self.validator and (self.step % run.validate_every == 0 or final):
+            t0 = time.perf_counter()
+            metrics = self.validator(self.engine.model, self.reference)
+            metrics["val/seconds"] = time.perf_counter() - t0
+            self.watch_seconds["validation"] += metrics["val/seconds"]
+            if self.log:
+                self.log.log(self.step, metrics)
+        if self.step_sampler and self.step % run.sample_every == 0:
+            t0 = time.perf_counter()
+            self.step_sampler(self.engine.module, self.step, self.log)
+            seconds = time.perf_counter() - t0
+            self.watch_seconds["sampling"] += seconds
+            if self.log:
+                self.log.log(self.step, {"samples/seconds": seconds})
+        checkpointing.set_rng_state(rng)
 
     def _write_flops(self) -> None:
         grid = self.dataset.shapes[0][1:]
@@ -243,6 +278,7 @@ class Trainer:
                     self.log.log(self.step, metrics)
                 bar.update()
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}", dgr=f"{metrics.get('dgr', 0):.3g}")
+                self._watch(final=self.step == run.steps)
                 stop = self._agreed_stop()
                 if stop or self.step % run.save_every == 0 or self.step == run.steps:
                     self.save()
@@ -255,6 +291,7 @@ class Trainer:
         summary = {"steps": self.step, "steps_this_launch": self.step - first_step, "skipped": self.skipped,
                    "collapse_warnings": self.watchdog.warned, "interrupted": self.step < run.steps,
                    "resumed_from": self.resumed_from, "seconds": time.perf_counter() - started,
+                   "watch_seconds": self.watch_seconds,
                    "last": last, "output_dir": str(self.out)}
         if self.log:
             self.log.close()

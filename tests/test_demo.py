@@ -17,9 +17,14 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     assert report == tmp_path / "report.md"
     text = report.read_text()
     assert "tiny and randomly initialized" in text and "| filter | 3 | 2 | 1 | bikes: frequent cuts" in text
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in logged if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(k in r for r in rows for k in PREFERENCE_METRICS)
+    assert [r["step"] for r in logged if "val/loss" in r] == [1, 2, 3]  # validated every step, 3 steps
+    assert "## Validation (steps 1, 2, 3" in text and "| val/loss_dpo |" in text
+    assert "![samples_step_000002](samples_step_000002.png)" in text  # sampled every other step
+    assert (tmp_path / "samples_step_000002.png").stat().st_size > 1000
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000
     with av.open(str(tmp_path / "sample.mp4")) as c:
         stream = c.streams.video[0]

@@ -6,6 +6,7 @@
     activation_memory  bytes saved for backward per rank under CP 1/2/4; ring vs Ulysses step time
     pair_modes         sequential vs batched pairs, Reg-DPO vs SFT step cost
     shard_read         random-access reads of our shards vs a folder of torch.save files
+    loader             step time with DataLoader workers vs inline reading, 720p latents read cold
     stability          vanilla DPO vs Reg-DPO training curves (needs a tiny model folder and its encoded data)
     gpu_check          the acceptance check of every CUDA-only path on the first GPU machine (exit code: failures)
 """
@@ -13,7 +14,7 @@
 import importlib
 import sys
 
-SUITES = ("sweep", "mfu", "plan", "activation_memory", "pair_modes", "shard_read", "stability", "gpu_check")
+SUITES = ("sweep", "mfu", "plan", "activation_memory", "pair_modes", "shard_read", "loader", "stability", "gpu_check")
 
 
 def main(argv=None):

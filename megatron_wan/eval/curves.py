@@ -1,7 +1,8 @@
-"""PNG curves: training metrics from JSONL logs (the paper's Fig. 2 panels) and the Total_Score of every checkpoint
-of several runs, all checkpoints ranked jointly (Fig. 7).
+"""PNG curves: training metrics from JSONL logs (the paper's Fig. 2 panels; validation's `val/*` beside them) and the
+Total_Score of every checkpoint of several runs, all checkpoints ranked jointly (Fig. 7).
 
-A training log (a run's OUT/metrics.jsonl) has one JSON object per line with `step` and any of the metrics below. A
+A training log (a run's OUT/metrics.jsonl) has one JSON object per line with `step` and any of the metrics below
+(validation rows: `val/METRIC`, drawn dashed with markers in METRIC's panel). A
 checkpoint table (CSV or JSONL) has one record per checkpoint: `run`, `step` and one VBench value per dimension.
 """
 
@@ -22,6 +23,7 @@ TRAINING_METRICS = {  # log key -> panel title, in Fig. 2's order
     "s": "s(θ)",
     "loss_dpo": "L_DPO",
 }
+VAL = "val/"  # the prefix of validation metrics
 
 
 def _step(record: dict, where: str):
@@ -33,11 +35,12 @@ def _step(record: dict, where: str):
 
 
 def read_log(path) -> dict:
-    """metric -> [(step, value)] of a JSONL training log (NaN and inf are kept: a diverging run shows them)."""
+    """metric -> [(step, value)] of a JSONL training log, `val/METRIC` too (NaN and inf are kept: a diverging run
+    shows them)."""
     series = {}
     for where, record in read_records(path):
         step = _step(record, where)
-        for metric in TRAINING_METRICS:
+        for metric in (*TRAINING_METRICS, *(VAL + m for m in TRAINING_METRICS)):
             if metric in record:
                 value = number(record[metric], f"{where}, {metric}", finite=False)
                 series.setdefault(metric, []).append((step, value))
@@ -76,7 +79,7 @@ def _save(fig: Figure, path) -> Path:
 def plot_training(logs: dict, path) -> Path:
     """One panel per metric found in the logs (run name -> JSONL path), a line per run; writes PNG `path`."""
     series = {name: read_log(log) for name, log in logs.items()}
-    metrics = [m for m in TRAINING_METRICS if any(m in s for s in series.values())]
+    metrics = [m for m in TRAINING_METRICS if any(m in s or VAL + m in s for s in series.values())]
     if not metrics:
         raise ValueError(f"none of {', '.join(TRAINING_METRICS)} in {', '.join(map(str, logs.values()))}")
     cols = min(len(metrics), 4)
@@ -87,6 +90,9 @@ def plot_training(logs: dict, path) -> Path:
         for j, (name, s) in enumerate(series.items()):
             if metric in s:  # a run keeps its colour in every panel
                 ax.plot(*zip(*s[metric]), color=f"C{j}", label=name, linewidth=1)
+            if VAL + metric in s:
+                ax.plot(*zip(*s[VAL + metric]), color=f"C{j}", label=f"{name} (validation)", linewidth=1,
+                        linestyle="--", marker="o", markersize=3)
         ax.set_title(TRAINING_METRICS[metric])
         ax.set_xlabel("step")
     handles = {}

@@ -126,3 +126,21 @@ class PairObjective:
         out = self._loss(err_w, err_l, ref_w, ref_l)
         backward(out.loss * dist.get_world_size(group))
         return out
+
+    @torch.no_grad()
+    def errors(self, model, reference, batch: PairBatch, sigma, eps) -> torch.Tensor:
+        """Per-pair errors without a graph, [N, 4] (model_err_w, model_err_l, ref_err_w, ref_err_l; SFT: [N, 1],
+        the winners'), at the given (sigma, eps): what validation measures."""
+        c = batch.conditions
+        if self.mode == "sft":
+            return self._errors(model, batch.win, c, sigma, eps)[:, None]
+        n = len(batch.sample_ids)
+        both = (torch.cat([batch.win, batch.lose]), c.repeat(2), sigma.repeat(2), torch.cat([eps, eps]))
+        err, ref = self._errors(model, *both), self._errors(reference, *both)
+        return torch.stack([err[:n], err[n:], ref[:n], ref[n:]], dim=1).float()
+
+    def metrics(self, errors: torch.Tensor) -> dict:
+        """The step's metrics (means over pairs) of per-pair `errors` as `errors` returns them."""
+        if self.mode == "sft":
+            return sft_loss(errors[:, 0]).metrics
+        return self._loss(*errors.unbind(1)).metrics
