@@ -234,6 +234,9 @@ def _check_cp_comm(cfg: Config, latent_shapes) -> None:
         return  # a checkpoint's head count is known when the model is loaded (CoreAttention checks it)
     problem = cp_comm_problem(m.cp_comm, m.attention_backend, run.context_parallel, heads or 0, head_dim,
                               torch.bfloat16 if run.dtype == "bf16" else torch.float32, grids)
+    if problem and m.cp_comm == "ulysses":
+        raise ConfigError(f"model.cp_comm: ulysses needs the heads per TP rank ({heads}) divisible by "
+                          f"run.context_parallel={run.context_parallel}; use ring")
     if problem:
         raise ConfigError(f"model.cp_comm: {m.cp_comm} cannot run here: {problem}; use ring (or auto)")
 

@@ -245,10 +245,7 @@ def cp_comm_problem(cp_comm: str, backend: str, cp: int, heads_per_tp: int, head
     if cp == 1 or cp_comm in ("auto", "ring"):
         return None
     if cp_comm == "ulysses":
-        if heads_per_tp % cp:
-            return (f"ulysses needs the heads per tensor-parallel rank ({heads_per_tp}) divisible by "
-                    f"context_parallel={cp}")
-        return None
+        return None if heads_per_tp % cp == 0 else f"{heads_per_tp} heads per TP rank do not split over CP={cp}"
     if backend != "te":
         return f"cp_comm=te is Transformer Engine's CP; it needs attention_backend=te, found {backend!r}"
     for f, h, w in token_grids or [(cp, 2, 1)]:
