@@ -49,10 +49,10 @@ def test_train_job_resumes_across_requeues(capsys):
     for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu",
                  "#SBATCH --ntasks-per-node=1", "#SBATCH --signal=USR1@90", "#SBATCH --requeue",
                  'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1', "export CUDA_DEVICE_MAX_CONNECTIONS=1",
-                 "--nproc-per-node=4", "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-                 '--output="$LOGS/restart-$RESTART-node%n.log"', 'scontrol requeue "$SLURM_JOB_ID"',
+                 "python -m launch.agent", "--nproc-per-node=4", '--output="$LOGS/restart-$RESTART-node%n.log"',
+                 'scontrol requeue "$SLURM_JOB_ID"',
                  f"-m megatron_wan.train --config {RECIPE} run.steps=5 'run.output_dir=/runs/a b'",
-                 "OUTPUT_DIR='/runs/a b'"):
+                 "python -m launch checkpoint-step '/runs/a b'", "if (( STEP >= 5 )); then"):
         assert line in script, line
 
 
@@ -73,7 +73,7 @@ def test_array_jobs_run_one_shard_per_task(capsys):
 def test_cluster_file_and_flags(capsys, tmp_path):
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text("nodes: 4\ngpus_per_node: 8\naccount: proj\ntime: '02:00:00'\n"
-                       "sbatch_extra: ['--qos=high']\nenv: {NCCL_IB_TIMEOUT: 22}\n")
+                       "sbatch_extra: {train: ['--qos=high']}\nenv: {NCCL_IB_TIMEOUT: 22}\n")
     script, _ = dry_run(capsys, ["train", "--cluster", str(cluster), "--nodes", "1", "--config", RECIPE])
     for line in ("#SBATCH --nodes=1", "#SBATCH --account=proj", "#SBATCH --time=02:00:00", "#SBATCH --qos=high",
                  "export NCCL_IB_TIMEOUT=22", "--nproc-per-node=8"):
@@ -82,7 +82,7 @@ def test_cluster_file_and_flags(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--config", RECIPE, "--nodes", "1", "--gpus-per-node", "3"],
-     "nodes x gpus_per_node = 1 x 3: run.tensor_parallel x run.context_parallel = 2 does not divide"),
+     "nodes x ranks_per_node = 1 x 3: run.tensor_parallel x run.context_parallel = 2 does not divide"),
     (["train", "--config", RECIPE, "run.stpes=3"], "unknown key run.stpes"),
     (["train", "--config", RECIPE, "run.resume=false"], "run.resume"),
     (["preprocess", "--stage", "nope", "--in", "a", "--out", "b", "--shards", "2"], "stage: expected one of"),
@@ -122,7 +122,7 @@ def test_local_launcher_runs_the_tiny_recipe_on_two_ranks(models, encoded, tmp_p
                  f"data.dir={encoded['t2v']}", f"run.output_dir={out}", "run.steps=3", "run.save_every=3",
                  "run.tensorboard=false"])
     assert code == 0
-    assert "torch.distributed.run --standalone --nproc-per-node=2 -m megatron_wan.train" in capsys.readouterr().out
+    assert "launch.agent --standalone --nproc-per-node=2 -m megatron_wan.train" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and not summary["interrupted"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
