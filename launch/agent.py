@@ -5,11 +5,18 @@ torchrun turns a SIGTERM or SIGUSR1 it handles into a SignalException: it forwar
 (STOP_SIGNALS) are left out of torchrun's `--signals-to-handle`; this process forwards them to its workers and
 torchrun keeps waiting, so workers that save and exit 0 make the launcher exit 0, and nothing is killed before
 SLURM's own time limit. The other signals (SIGINT, SIGHUP, SIGQUIT) keep torchrun's handling.
+
+The stop signals are blocked in this process (a thread waits for them) and so in the workers it starts, which
+inherit the mask: a signal that arrives while a worker imports and builds its model stays pending until the
+trainer has installed its handlers and unblocks them (megatron_wan.preemption.install), instead of killing it.
+SLURM signals every process of the job step, so a worker usually gets a stop signal twice; once is enough.
 """
 
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -48,17 +55,22 @@ def _children() -> list[int]:
     return pids
 
 
-def _forward(signum, _frame) -> None:
-    for pid in _children():
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+def _forward_stop_signals() -> None:
+    """Forever: wait for a (blocked) stop signal and send it to every child (once there is one)."""
+    while True:
+        signum = signal.sigwait(STOP_SIGNALS)
+        while not (children := _children()):
+            time.sleep(0.2)
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
 
 def main(argv=None) -> int:
-    for s in STOP_SIGNALS:  # first: a stop signal during start-up must not end this process
-        signal.signal(s, _forward)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # first, before any thread or worker exists
+    threading.Thread(target=_forward_stop_signals, name="stop-signals", daemon=True).start()
     from torch.distributed.run import parse_args, run
 
     try:

@@ -22,8 +22,11 @@ def _on_signal(signum, _frame) -> None:
 
 
 def install() -> dict:
-    """Handle STOP_SIGNALS from now on; returns the previous handlers (for `restore`)."""
-    return {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
+    """Handle STOP_SIGNALS from now on, and unblock them (python -m launch.agent starts its workers with them
+    blocked: one that came during start-up is handled now); returns the previous handlers (for `restore`)."""
+    previous = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    return previous
 
 
 def restore(previous: dict) -> None:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
-CLIENTS = ("sbatch", "scontrol", "scancel")
+CLIENTS = ("sbatch", "scontrol", "scancel", "squeue")
 
 
 def unavailable() -> str | None:
@@ -63,6 +63,13 @@ class Cluster:
         key = d / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
+        try:
+            self._start_daemons(d, key, conf, node)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_daemons(self, d: Path, key: Path, conf: Path, node: str) -> None:
         self._start(["munged", "--foreground", "--force", f"--socket={d}/munge.socket", f"--key-file={key}",
                      f"--pid-file={d}/munged.pid", f"--log-file={d}/munged.log", f"--seed-file={d}/munge.seed"],
                     lambda: (d / "munge.socket").exists())
@@ -110,6 +117,14 @@ class Cluster:
         raise TimeoutError(f"job {job_id}: not in {states} after {timeout:.0f} s: {self.tasks(job_id)}")
 
     def stop(self) -> None:
+        """Cancel every job (their processes end with them), then stop the daemons."""
+        if self.procs and self.procs[-1].poll() is None:
+            subprocess.run(["scancel", "--user=root"], env=self.env, capture_output=True)
+            deadline = time.time() + 60
+            while time.time() < deadline and subprocess.run(
+                    ["squeue", "--noheader", "--states=RUNNING,COMPLETING"], env=self.env, capture_output=True,
+                    text=True).stdout.strip():
+                time.sleep(1)
         for p in reversed(self.procs):
             p.terminate()
             try:
