@@ -45,8 +45,7 @@ class Cluster:
     max_restarts: int = 20  # train: requeues after a signal before giving up (then exit 75)
     signal_lead: int = 90  # train: seconds before the time limit that USR1 asks for a checkpoint (> step + save)
     array_parallel: int | None = None  # array jobs: at most this many tasks at once
-    sbatch_extra: dict = field(default_factory=dict)  # further #SBATCH options by kind or stage, e.g.
-    #                                                   {train: ["--exclusive"], encode: ["--qos=gpu"]}
+    sbatch_extra: dict = field(default_factory=dict)  # more #SBATCH options per kind/stage: {train: [--exclusive]}
     env: dict = field(default_factory=dict)  # environment variables exported in the job
 
     def __post_init__(self):
@@ -169,8 +168,8 @@ def check_stage_args(stage: str, input_path: str, output: str, shards: int, work
     """Parse a task's command line with the stage's own parser (python -m data_tools); ConfigError if it refuses."""
     from data_tools.__main__ import build_parser
 
-    argv = [stage, "--in", input_path, "--out", output, "--shard", f"0/{shards}", *stage_args]
-    argv += ["--workers", str(workers)] if stage != "generate" else []
+    workers = ["--workers", str(workers)] if stage != "generate" else []  # as the templates write the command
+    argv = [stage, "--in", input_path, "--out", output, *workers, "--shard", f"0/{shards}", *stage_args]
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):

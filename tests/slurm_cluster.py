@@ -10,6 +10,7 @@ from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "scancel", "squeue")
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")  # job states that are final
 
 
 def unavailable() -> str | None:
@@ -105,8 +106,7 @@ class Cluster:
         out = self.scontrol("show", "job", "-o", job_id).stdout.splitlines()
         return [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in out]
 
-    def wait(self, job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
-             timeout=600.0) -> dict:
+    def wait(self, job_id: str, states=ENDED, timeout=600.0) -> dict:
         """The job once every record of it is in one of `states`."""
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -3,6 +3,7 @@
 reached ends the job non-zero; a 2-task preprocess array chained into the next stage. Skips where slurm-wlm and
 munge are not installed or cannot run (not root); `.ci/run` installs them."""
 
+import datetime
 import json
 import os
 import shutil
@@ -13,14 +14,14 @@ from pathlib import Path
 
 import pytest
 from gtpair_data import CLIPS
-from slurm_cluster import Cluster, unavailable
+from slurm_cluster import ENDED, Cluster, unavailable
 
 from data_tools.stage import read_jsonl
 
 REPO = Path(__file__).parent.parent
 RECIPE = str(REPO / "configs" / "tiny-t2v-regdpo.yaml")
 CPU_JOB = ["--gpus-per-node", "0", "--cpus-per-task", "1", "--venv", sys.prefix]  # two jobs at once on 2 CPUs
-STEPS = 40
+STEPS = 200  # a step takes 0.2 to 1 s here: USR1 comes at most 30 s after it is due
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def submit(slurm, tmp_path, *argv) -> str:
 
 
 def train_args(models, encoded, out, *overrides):
-    return ["--config", RECIPE, f"model.weights={models['t2v']}", f"data.dir={encoded['t2v']}",
+    return ["--ranks-per-node", "2", "--config", RECIPE, f"model.weights={models['t2v']}", f"data.dir={encoded['t2v']}",
             f"run.output_dir={out}", f"run.steps={STEPS}", "run.save_every=1000", "run.tensorboard=false",
             *overrides]
 
@@ -68,21 +69,31 @@ def wait_for_steps(out: Path, n: int, timeout=300.0) -> None:
         time.sleep(0.2)
 
 
+def signal_due_now(slurm, job_id: str, lead: int) -> None:
+    """Shorten a running job's time limit (whole minutes) so that its --signal=USR1@LEAD is due now: slurmctld sends
+    it at its next time-limit check (every 30 s, at or after LEAD + 30 s before the limit), while 90 s or more are
+    left before the limit itself."""
+    started = datetime.datetime.fromisoformat(slurm.job(job_id)["StartTime"])
+    elapsed = (datetime.datetime.now() - started).total_seconds()
+    minutes = int((elapsed + lead + 30) // 60)
+    assert slurm.scontrol("update", f"JobId={job_id}", f"TimeLimit={minutes}").returncode == 0
+
+
 def test_preemption_requeue_resume_and_max_restarts(slurm, models, encoded, tmp_path):
-    """Job A: USR1 from SLURM (--signal=USR1@LEAD) mid-run saves, the job requeues itself and its second start
-    (given a longer limit) resumes and finishes: Restarts=1, exit 0, the per-step losses of job C, never stopped.
-    Job B, max_restarts 0: USR1 to its batch shell (scancel --batch) is forwarded, the ranks save, and the job
-    ends FAILED with exit 75 instead of COMPLETED."""
+    """Job A: its time limit shortened mid-run, USR1 from SLURM (--signal=USR1@LEAD) saves, the job requeues itself
+    and its second start (with a long limit again) resumes and finishes: Restarts=1, exit 0, the per-step losses of
+    job C, never stopped. Job B, max_restarts 0: USR1 to its batch shell (scancel --batch) is forwarded, the ranks
+    save, and the job ends FAILED with exit 75 instead of COMPLETED."""
     a_out, b_out, c_out = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    # USR1 is due LEAD s before the 4-minute limit; slurmctld checks every 30 s, so it comes 90 to 120 s in.
-    a = submit(slurm, tmp_path, "train", "--time", "4:00", "--signal-lead", "120", "--max-restarts", "1",
-               "--job-name", "a", *train_args(models, encoded, a_out))
-    b = submit(slurm, tmp_path, "train", "--max-restarts", "0", "--job-name", "b",
-               *train_args(models, encoded, b_out))
+    a = submit(slurm, tmp_path, "train", "--signal-lead", "120", "--max-restarts", "1", "--job-name", "a",
+               *train_args(models, encoded, a_out))
+    b = submit(slurm, tmp_path, "train", "--max-restarts", "0", "--job-name", "b", *train_args(models, encoded, b_out))
     wait_for_steps(b_out, 2)
     stopped = subprocess.run(["scancel", "--batch", "--signal=USR1", b], env=slurm.env, capture_output=True,
                              text=True)
     assert stopped.returncode == 0, stopped.stderr
+    wait_for_steps(a_out, 2)
+    signal_due_now(slurm, a, 120)
     c = submit(slurm, tmp_path, "train", "--job-name", "c", *train_args(models, encoded, c_out))  # after B
 
     job_b = slurm.wait(b)
@@ -91,12 +102,11 @@ def test_preemption_requeue_resume_and_max_restarts(slurm, models, encoded, tmp_
     assert 2 <= b_steps < STEPS and (b_out / "checkpoints" / f"step_{b_steps:06d}" / "trainer.json").exists()
     assert "0 restarts reached, not requeueing; exit 75" in job_log(tmp_path, b)
 
-    deadline = time.time() + 400
-    while slurm.job(a)["Restarts"] == "0" and slurm.job(a)["JobState"] in ("PENDING", "RUNNING") \
-            and time.time() < deadline:  # until requeued by its batch script
-        time.sleep(0.5)
+    deadline = time.time() + 300
+    while slurm.job(a)["Restarts"] == "0" and slurm.job(a)["JobState"] not in ENDED and time.time() < deadline:
+        time.sleep(0.5)  # until requeued by its batch script
     assert slurm.job(a)["Restarts"] == "1", job_log(tmp_path, a)
-    assert slurm.scontrol("update", f"JobId={a}", "TimeLimit=15:00").returncode == 0  # the second start finishes
+    assert slurm.scontrol("update", f"JobId={a}", "TimeLimit=30").returncode == 0  # the second start finishes
     job_a, job_c = slurm.wait(a), slurm.wait(c)
     assert (job_a["JobState"], job_a["ExitCode"], job_a["Restarts"]) == ("COMPLETED", "0:0", "1"), job_log(tmp_path,
                                                                                                             a)
