@@ -16,6 +16,7 @@ import pytest
 
 from launch.__main__ import main
 from launch.agent import check_torchrun, missing_flags
+from megatron_wan.preemption import recommended_lead, save_window_warning
 
 REPO = Path(__file__).parent.parent
 RECIPE = str(REPO / "configs" / "tiny-t2v-regdpo.yaml")
@@ -264,3 +265,11 @@ def test_after_makes_a_dependency(capsys):
     script, _ = dry_run(capsys, ["preprocess", "--stage", "select", "--in", "a", "--out", "b", "--shards", "1",
                                  "--after", "12,13"])
     assert "#SBATCH --dependency=afterok:12:13\n" in script
+
+
+def test_save_window_is_checked_against_step_and_save_time():
+    """The paper's I2V-14B 200-frame case: 223 s a step (the planner), a 60 s save, the old fixed 90 s lead."""
+    warning = save_window_warning(90, 223.0, 60.0)
+    assert "a step takes 223.0 s and a save 60.0 s" in warning and "set signal_lead: 384" in warning
+    assert recommended_lead(223.0, 60.0) == 384 and 384 >= 223 + 60
+    assert save_window_warning(600, 223.0, 60.0) is None and save_window_warning(None, 223.0, 60.0) is None
