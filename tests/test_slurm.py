@@ -21,7 +21,7 @@ from data_tools.stage import read_jsonl
 REPO = Path(__file__).parent.parent
 RECIPE = str(REPO / "configs" / "tiny-t2v-regdpo.yaml")
 CPU_JOB = ["--gpus-per-node", "0", "--cpus-per-task", "1", "--venv", sys.prefix]  # two jobs at once on 2 CPUs
-STEPS = 200  # a step takes 0.2 to 1 s here: USR1 comes at most 30 s after it is due
+TRAINING_S = 90  # job A's steps: this long at the step time seen in job B (USR1 comes <= 30 s after it is due)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,9 @@ def submit(slurm, tmp_path, *argv) -> str:
     return done.stdout.split()[-1]
 
 
-def train_args(models, encoded, out, *overrides):
+def train_args(models, encoded, out, steps, *overrides):
     return ["--ranks-per-node", "2", "--config", RECIPE, f"model.weights={models['t2v']}", f"data.dir={encoded['t2v']}",
-            f"run.output_dir={out}", f"run.steps={STEPS}", "run.save_every=1000", "run.tensorboard=false",
+            f"run.output_dir={out}", f"run.steps={steps}", "run.save_every=1000", "run.tensorboard=false",
             *overrides]
 
 
@@ -85,21 +85,24 @@ def test_preemption_requeue_resume_and_max_restarts(slurm, models, encoded, tmp_
     job C, never stopped. Job B, max_restarts 0: USR1 to its batch shell (scancel --batch) is forwarded, the ranks
     save, and the job ends FAILED with exit 75 instead of COMPLETED."""
     a_out, b_out, c_out = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    b = submit(slurm, tmp_path, "train", "--max-restarts", "0", "--job-name", "b",
+               *train_args(models, encoded, b_out, 10_000))
+    wait_for_steps(b_out, 5)  # alone on the node: A and C, side by side, step no faster
+    step_s = sum(json.loads(r)["step_time"] for r in (b_out / "metrics.jsonl").read_text().splitlines()[1:5]) / 4
+    steps = max(40, round(TRAINING_S / step_s))
     a = submit(slurm, tmp_path, "train", "--signal-lead", "120", "--max-restarts", "1", "--job-name", "a",
-               *train_args(models, encoded, a_out))
-    b = submit(slurm, tmp_path, "train", "--max-restarts", "0", "--job-name", "b", *train_args(models, encoded, b_out))
-    wait_for_steps(b_out, 2)
+               *train_args(models, encoded, a_out, steps))
     stopped = subprocess.run(["scancel", "--batch", "--signal=USR1", b], env=slurm.env, capture_output=True,
                              text=True)
     assert stopped.returncode == 0, stopped.stderr
     wait_for_steps(a_out, 2)
     signal_due_now(slurm, a, 120)
-    c = submit(slurm, tmp_path, "train", "--job-name", "c", *train_args(models, encoded, c_out))  # after B
+    c = submit(slurm, tmp_path, "train", "--job-name", "c", *train_args(models, encoded, c_out, steps))  # after B
 
     job_b = slurm.wait(b)
     assert (job_b["JobState"], job_b["ExitCode"], job_b["Restarts"]) == ("FAILED", "75:0", "0"), job_log(tmp_path, b)
     b_steps = json.loads((b_out / "summary.json").read_text())["steps"]
-    assert 2 <= b_steps < STEPS and (b_out / "checkpoints" / f"step_{b_steps:06d}" / "trainer.json").exists()
+    assert 5 <= b_steps < 10_000 and (b_out / "checkpoints" / f"step_{b_steps:06d}" / "trainer.json").exists()
     assert "0 restarts reached, not requeueing; exit 75" in job_log(tmp_path, b)
 
     deadline = time.time() + 300
@@ -113,8 +116,8 @@ def test_preemption_requeue_resume_and_max_restarts(slurm, models, encoded, tmp_
     assert (job_c["JobState"], job_c["ExitCode"], job_c["Restarts"]) == ("COMPLETED", "0:0", "0"), job_log(tmp_path,
                                                                                                             c)
     summary = json.loads((a_out / "summary.json").read_text())
-    assert summary["steps"] == STEPS and summary["resumed_from"], summary  # the second start resumed
-    assert losses(a_out) == losses(c_out) and len(losses(c_out)) == STEPS  # bit for bit
+    assert summary["steps"] == steps and summary["resumed_from"], summary  # the second start resumed
+    assert losses(a_out) == losses(c_out) and len(losses(c_out)) == steps  # bit for bit
     log = job_log(tmp_path, a)
     assert "stopped at a checkpoint at step" in log and "requeueing job" in log and "training done" in log
 
