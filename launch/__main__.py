@@ -1,4 +1,4 @@
-"""python -m launch {train,preprocess,generate,bench,local} [options]: SLURM jobs rendered from a cluster config.
+"""python -m launch {train,preprocess,generate,bench,local,checkpoint-step} [options]: SLURM jobs from a cluster config.
 
     python -m launch train --cluster launch/cluster.example.yaml --config configs/wan2.1-t2v-14b-regdpo.yaml \\
         model.weights=/models/Wan2.1-T2V-14B-Diffusers data.dir=/data/encoded --dry-run
@@ -6,12 +6,15 @@
     python -m launch generate --in work/gt --out work/gen --shards 16 -- --model /models/Wan2.1-T2V-14B-Diffusers
     python -m launch bench sweep -- --steps 5
     python -m launch local --nproc 2 --config configs/tiny-t2v-regdpo.yaml run.steps=5
+    python -m launch checkpoint-step outputs/tiny-t2v-regdpo
 
 Cluster settings come from `--cluster FILE` (YAML; keys as launch/cluster.example.yaml) and the flags below, which
-win. Options of the launcher go before `--`; what follows it is passed to the stage or suite as is. `--dry-run`
-prints the rendered sbatch script on stdout and the sbatch command on stderr, and submits nothing; without it the
-script is written to LOG_DIR/sbatch/ and submitted. `local` runs the training on this machine with torchrun
-(`--standalone`), the same entry and config as the SLURM job.
+win. Options of the launcher go before `--`; what follows it goes to the stage (checked by the stage's own parser
+before anything is submitted) or to the suite. `--dry-run` prints the rendered sbatch script on stdout and the
+sbatch command on stderr, and submits nothing; without it the script is written to LOG_DIR/sbatch/ and submitted.
+`--after JOBID` starts a job when those jobs have ended successfully. `local` runs the training on this machine with
+torchrun (python -m launch.agent `--standalone`), the same entry and config as the SLURM job. `checkpoint-step`
+prints the step of a run's newest complete checkpoint (what the train job reads to decide whether to requeue).
 """
 
 import argparse
@@ -20,6 +23,7 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -36,6 +40,8 @@ def _cluster_options() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Cluster):
         if f.type in FLAG_TYPES:
             group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=FLAG_TYPES[f.type])
+    group.add_argument("--after", metavar="JOBID[,JOBID]", help="start when these jobs have ended successfully "
+                                                                 "(sbatch --dependency=afterok)")
     group.add_argument("--dry-run", action="store_true", help="print the script and the command; submit nothing")
     return parent
 
@@ -66,12 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--config", required=True)
     local.add_argument("overrides", nargs="*")
     local.add_argument("--dry-run", action="store_true", help="print the command; run nothing")
+    step = sub.add_parser("checkpoint-step", help="print the step of the newest complete checkpoint of a run (0: none)")
+    step.add_argument("output_dir", help="the run's run.output_dir")
     return parser
 
 
 def local_command(nproc: int, config: str, overrides=()) -> list[str]:
-    """torchrun on this machine: `nproc` ranks of megatron_wan.train with `config` and `overrides`."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    """torchrun (launch.agent) on this machine: `nproc` ranks of megatron_wan.train with `config` and `overrides`."""
+    return [sys.executable, "-m", "launch.agent", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "megatron_wan.train", "--config", config, *overrides]
 
 
@@ -95,12 +103,12 @@ def render(args) -> tuple[Cluster, str]:
     """(the cluster settings, the rendered script) of parsed arguments."""
     cluster = load_cluster(args.cluster, {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Cluster)})
     if args.kind == "train":
-        return cluster, render_train(cluster, args.config, args.overrides)
+        return cluster, render_train(cluster, args.config, args.overrides, args.after)
     if args.kind == "bench":
-        return cluster, render_bench(cluster, args.suite, args.suite_args)
-    if args.kind == "generate":
-        return cluster, render_array(cluster, "generate", args.input, args.out, args.shards, 1, args.stage_args)
-    return cluster, render_array(cluster, args.stage, args.input, args.out, args.shards, args.workers, args.stage_args)
+        return cluster, render_bench(cluster, args.suite, args.suite_args, args.after)
+    stage, workers = ("generate", 1) if args.kind == "generate" else (args.stage, args.workers)
+    return cluster, render_array(cluster, stage, args.input, args.out, args.shards, workers, args.stage_args,
+                                 args.after)
 
 
 def main(argv=None) -> int:
@@ -108,6 +116,11 @@ def main(argv=None) -> int:
     try:
         if args.kind == "local":
             return run_local_training(args.nproc, args.config, args.overrides, args.dry_run)
+        if args.kind == "checkpoint-step":
+            from megatron_wan.checkpointing import latest_step
+
+            print(latest_step(Path(args.output_dir) / "checkpoints"))
+            return 0
         cluster, script = render(args)
         path = script_path(cluster, args.kind)
         command = f"sbatch --parsable {shlex.quote(str(path))}"

@@ -45,6 +45,12 @@ def latest(root) -> Path | None:
     return done[-1] if done else None
 
 
+def latest_step(root) -> int:
+    """The step of the newest complete checkpoint under `root` (OUT/checkpoints), 0 when there is none."""
+    path = latest(root)
+    return json.loads((path / "trainer.json").read_text())["step"] if path else 0
+
+
 def save(root, step: int, engine, trainer_state: dict, rank_state: dict, keep_last: int) -> Path:
     """Write checkpoint `step` (every rank calls this); returns its path."""
     root = Path(root)

@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import resource
-import signal
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import yaml
 from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
-from megatron_wan import checkpointing, parallel, train_samples
+from megatron_wan import checkpointing, parallel, preemption, train_samples
 from megatron_wan.bench.flops import step_flops, video_tokens
 from megatron_wan.bench.meters import peak_flops
 from megatron_wan.config import Config, ConfigError, load_config, validate
@@ -38,8 +37,6 @@ from megatron_wan.objectives.pair_step import PairBatch, PairObjective
 from megatron_wan.objectives.reference import make_reference
 from megatron_wan.run_log import CollapseWatchdog, RunLog
 from megatron_wan.validation import Validator, val_pairs_path
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def build_model(cfg: Config) -> WanModel:
@@ -118,13 +115,14 @@ class Trainer:
         self.loader = PairLoader(self.dataset, self.sampler, num_workers=cfg.data.num_workers,
                                  prefetch=cfg.data.prefetch, pin_memory=self.device.type == "cuda")
         self.step, self.skipped, self.bad_in_row = 0, 0, 0
+        self.save_seconds = 0.0  # the last save's duration (a resumed run: the checkpoint's)
         self.watchdog = CollapseWatchdog(run.collapse_gap, run.collapse_steps)
-        self.stop_requested = False
         self.ckpt_root = self.out / "checkpoints"
         resume_from = checkpointing.latest(self.ckpt_root) if run.resume else None
         if resume_from:
             trainer_state, rank_state = checkpointing.load(resume_from, self.engine)
             self.step, self.skipped = trainer_state["step"], trainer_state["skipped"]
+            self.save_seconds = trainer_state.get("save_seconds", 0.0)
             self.loader.load_state_dict(rank_state["sampler"])
             checkpointing.set_rng_state(rank_state["rng"])
         self.resumed_from = str(resume_from) if resume_from else None
@@ -204,20 +202,24 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------------
 
-    def _on_signal(self, signum, _frame):
-        self.stop_requested = True
-        print(f"rank {self.rank}: {signal.Signals(signum).name}: saving a checkpoint at the end of this step",
-              file=sys.stderr, flush=True)
-
     def _agreed_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        flag = torch.tensor([1.0 if preemption.requested() else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def save(self) -> None:
-        state = {"step": self.step, "skipped": self.skipped, "config": self.cfg.to_dict()}
+        started = time.perf_counter()
+        state = {"step": self.step, "skipped": self.skipped, "config": self.cfg.to_dict(),
+                 "save_seconds": self.save_seconds}
         rank_state = {"sampler": self.loader.state_dict(), "rng": checkpointing.rng_state()}
         checkpointing.save(self.ckpt_root, self.step, self.engine, state, rank_state, self.cfg.run.keep_last)
+        self.save_seconds = time.perf_counter() - started
+
+    def _check_save_window(self, step_seconds: float) -> None:
+        """Warn (rank 0) when the SLURM stop signal's lead time cannot hold a step and a save."""
+        warning = preemption.save_window_warning(preemption.signal_lead(), step_seconds, self.save_seconds)
+        if warning and self.rank == 0:
+            print(f"train: warning: {warning}", file=sys.stderr, flush=True)
 
     def _watch(self, final: bool) -> None:
         """Validation and samples when due, their seconds logged (and outside the step-time metrics); the RNG
@@ -254,7 +256,7 @@ class Trainer:
     def run(self) -> dict:
         """Train to `run.steps` (or until a stop signal); returns the summary."""
         run = self.cfg.run
-        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        previous = preemption.install()
         if self.rank == 0:
             self._write_flops()
         bar = tqdm(total=run.steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0,
@@ -262,6 +264,8 @@ class Trainer:
         last, started, first_step = {}, time.perf_counter(), self.step
         try:
             while self.step < run.steps:
+                if self.step == first_step and self._agreed_stop():
+                    break  # stopped while starting: nothing new to save
                 metrics = self.train_step()
                 self.step += 1
                 if metrics["skipped"]:
@@ -280,14 +284,16 @@ class Trainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}", dgr=f"{metrics.get('dgr', 0):.3g}")
                 self._watch(final=self.step == run.steps)
                 stop = self._agreed_stop()
-                if stop or self.step % run.save_every == 0 or self.step == run.steps:
+                saves = stop or self.step % run.save_every == 0 or self.step == run.steps
+                if saves:
                     self.save()
+                if self.step == first_step + 1 or saves:  # with the last save's time (from the checkpoint at first)
+                    self._check_save_window(metrics["step_time"])
                 if stop:
                     break
         finally:
             bar.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            preemption.restore(previous)
         summary = {"steps": self.step, "steps_this_launch": self.step - first_step, "skipped": self.skipped,
                    "collapse_warnings": self.watchdog.warned, "interrupted": self.step < run.steps,
                    "resumed_from": self.resumed_from, "seconds": time.perf_counter() - started,
@@ -312,6 +318,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    preemption.install()  # a stop signal while the model loads is a request to stop, not the end of the process
     try:
         cfg = load_config(args.config, args.overrides)
         trainer = Trainer(cfg)

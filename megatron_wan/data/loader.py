@@ -12,8 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from megatron_wan.objectives.pair_step import Conditions, PairBatch
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what makes the trainer save and exit (SLURM pre-emption)
+from megatron_wan.preemption import STOP_SIGNALS
 
 
 class _Indexed(Dataset):
