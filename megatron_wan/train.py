@@ -9,6 +9,7 @@ a re-launch with the same output_dir resumes exactly where it stopped.
 import argparse
 import json
 import math
+import os
 import resource
 import signal
 import sys
@@ -24,9 +25,10 @@ from tqdm import tqdm
 from megatron_wan import checkpointing, parallel
 from megatron_wan.bench.flops import step_flops, video_tokens
 from megatron_wan.bench.meters import peak_flops
-from megatron_wan.config import Config, ConfigError, load_config, validate
+from megatron_wan.config import Config, ConfigError, load_config, resume_changes, validate
 from megatron_wan.data.datasets import PairDataset
 from megatron_wan.data.samplers import BucketBatchSampler
+from megatron_wan.data.shards import CorruptSample
 from megatron_wan.engines import build_engine
 from megatron_wan.model import WanModel, preset
 from megatron_wan.model.lora import apply_lora
@@ -75,14 +77,18 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         run = cfg.run
+        validate(cfg, _world_size())  # before the process groups: a layout error is a ConfigError, not a traceback
         parallel.initialize(run.tensor_parallel, run.context_parallel, seed=run.seed)
-        validate(cfg, dist.get_world_size())
         self.rank = dist.get_rank()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.device = self.device or torch.device("cpu")
         self.out = Path(run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.autocast = run.dtype == "bf16"
+        self.ckpt_root = self.out / "checkpoints"
+        resume_from = checkpointing.latest(self.ckpt_root, report=self._report) if run.resume else None
+        if resume_from:
+            self._check_resume(resume_from)
 
         model = build_model(cfg).to(self.device)
         if run.finetune == "lora":
@@ -96,7 +102,7 @@ class Trainer:
         self.engine = build_engine(cfg, model)
         self.wan = model.wan
 
-        self.dataset = PairDataset(cfg.data.dir, cfg.data.pairs, cfg.data.text_len)
+        self.dataset = PairDataset(cfg.data.dir, cfg.data.pairs, cfg.data.text_len, cfg.data.on_corrupt)
         if self.dataset.task != run.task:
             raise ConfigError(f"data.dir: {cfg.data.dir} holds {self.dataset.task} encodings, run.task is {run.task}")
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -108,10 +114,9 @@ class Trainer:
         self.objective = PairObjective(FlowMatching(o.shift, o.timestep_sampling, seed=run.seed), o.mode, o.beta,
                                        o.sft_weight, o.pair_mode)
         self.step, self.skipped, self.bad_in_row = 0, 0, 0
+        self.corrupt_skipped = 0  # pairs this rank skipped for a failed CRC32 (data.on_corrupt=skip)
         self.watchdog = CollapseWatchdog(run.collapse_gap, run.collapse_steps)
         self.stop_requested = False
-        self.ckpt_root = self.out / "checkpoints"
-        resume_from = checkpointing.latest(self.ckpt_root) if run.resume else None
         if resume_from:
             trainer_state, rank_state = checkpointing.load(resume_from, self.engine)
             self.step, self.skipped = trainer_state["step"], trainer_state["skipped"]
@@ -126,6 +131,20 @@ class Trainer:
                               wandb_project=run.wandb_project, config=cfg.to_dict())
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
+    def _report(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"train: {message}", file=sys.stderr, flush=True)
+
+    def _check_resume(self, path: Path) -> None:
+        """Refuse to resume `path` under settings that change the math; report the ones that may change."""
+        saved = json.loads((path / "trainer.json").read_text())["config"]
+        refused, allowed = resume_changes(saved, self.cfg)
+        if refused:
+            raise ConfigError(f"resume from {path}: {'; '.join(refused)} (these change the run's math: set them "
+                              f"back, or start a new run with another run.output_dir or run.resume=false)")
+        if allowed:
+            self._report(f"resume from {path} with changed settings: {'; '.join(allowed)}")
+
     # -- one step ----------------------------------------------------------------------------------
 
     def _next_indices(self) -> list[int]:
@@ -137,6 +156,7 @@ class Trainer:
 
     def _batch(self, indices) -> PairBatch:
         items = [self.dataset[i] for i in indices]
+        self.corrupt_skipped += sum(it["corrupt_skipped"] for it in items)
 
         def stack(name):
             return torch.stack([it[name] for it in items]).to(self.device, torch.float32)
@@ -248,7 +268,10 @@ class Trainer:
             bar.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        corrupt = torch.tensor([self.corrupt_skipped], device=self.device)
+        dist.all_reduce(corrupt)
         summary = {"steps": self.step, "steps_this_launch": self.step - first_step, "skipped": self.skipped,
+                   "corrupt_pairs_skipped": int(corrupt.item()),
                    "collapse_warnings": self.watchdog.warned, "interrupted": self.step < run.steps,
                    "resumed_from": self.resumed_from, "seconds": time.perf_counter() - started,
                    "last": last, "output_dir": str(self.out)}
@@ -269,14 +292,26 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _world_size() -> int:
+    """The world size this process will join (torchrun's WORLD_SIZE; 1 for a plain process)."""
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except ConfigError as e:  # the same on every rank: one line, from rank 0
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megatron_wan.train: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except FileNotFoundError as e:
         sys.exit(f"megatron_wan.train: {e}")
-    return trainer.run()
+    try:
+        return trainer.run()
+    except CorruptSample as e:  # data.on_corrupt=abort: the shard and sample, not a traceback
+        sys.exit(f"megatron_wan.train: rank {trainer.rank}: {e}")
 
 
 if __name__ == "__main__":
