@@ -317,3 +317,61 @@ def test_cp_public_forward_gives_every_rank_the_whole_input_gradient():
     # the training path keeps its convention: each rank its frames' share, summed over CP the whole gradient
     assert all(rel_err(local, model_x) > 0.1 for *_, local in ranks)
     assert rel_err(sum(local for *_, local in ranks), model_x) < 1e-5
+
+
+# -- 18: a non-finite gradient is skipped for real, by both engines ---------------------------------------------
+
+def _steps_with_a_poisoned_one(tmp):
+    """For each engine and setting: three steps of a tiny model on 2 ranks, the second with an infinite gradient
+    on rank 1 only; (stepped flags, weights unchanged by the poisoned step, weights finite and moved after)."""
+    import torch.distributed as dist
+
+    from megatron_wan import parallel
+    from megatron_wan.config import load_config
+    from megatron_wan.engines import build_engine
+
+    parallel.initialize()
+    no_zero = Path(tmp) / "no_zero.json"
+    no_zero.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0,
+                                   "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}))
+    settings = {"deepspeed zero3 offload bf16": ["run.engine=deepspeed", "run.dtype=bf16"],
+                "deepspeed zero3 fp32": ["run.engine=deepspeed", "run.dtype=fp32", "deepspeed.offload_params=false",
+                                         "deepspeed.offload_optimizer=false"],
+                "deepspeed no zero fp32": ["run.engine=deepspeed", "run.dtype=fp32", f"deepspeed.config={no_zero}"],
+                "megatron fp32": ["run.engine=megatron", "run.dtype=fp32"]}
+    results = {}
+    for name, overrides in settings.items():
+        cfg = load_config(None, [*overrides, "optim.lr=0.1", "run.finetune=full", "lora=null",
+                                 "objective.reference=copy"])
+        torch.manual_seed(0)
+        engine = build_engine(cfg, torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)))
+        stepped, weights = [], []
+        for poison in (False, True, False):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(len(stepped) + 10 * dist.get_rank()))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.run.dtype == "bf16"):
+                out = engine.model(x)
+            if poison and dist.get_rank() == 1:
+                out.register_hook(lambda g: g * float("inf"))
+            engine.backward(out.float().pow(2).mean())
+            stepped.append(engine.step(0.1)[1])
+            weights.append(_full_weights(engine))
+        results[name] = (stepped, torch.equal(weights[0], weights[1]),
+                         bool(torch.isfinite(weights[2]).all()) and not torch.equal(weights[1], weights[2]))
+    return results
+
+
+def _full_weights(engine) -> torch.Tensor:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return torch.cat([(safe_get_full_fp32_param(p) if hasattr(p, "ds_id") else p).detach().float().flatten()
+                      for p in engine.module.parameters()])
+
+
+def test_a_non_finite_gradient_is_skipped_by_both_engines(tmp_path):
+    ranks = run_local(_steps_with_a_poisoned_one, 2, str(tmp_path), env={"DS_ACCELERATOR": "cpu",
+                                                                          "OMP_NUM_THREADS": "1"})
+    for results in ranks:
+        for name, (stepped, unchanged, moved_on) in results.items():
+            assert stepped == [True, False, True], name  # skipped on every rank, and reported so
+            assert unchanged, f"{name}: the non-finite step changed the weights"
+            assert moved_on, f"{name}: the next step did not train (gradients left over?)"
