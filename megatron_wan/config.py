@@ -1,11 +1,14 @@
 """Run configuration: YAML files loaded into dataclasses, `key.sub=value` overrides, validation that names the key.
 
-Every error is raised before any model is built: an unknown key (with the known ones), a wrong type, or an
-impossible combination (Ulysses with a head count CP does not divide, LoRA settings with `finetune: full`,
-a world size TP x CP does not divide, the DeepSpeed engine with TP or a non-batched pair mode).
+Every error is raised before any model is built: an unknown key (with the known ones), a wrong type, a value
+out of its range (`RANGES`: beta and shift > 0, LoRA rank >= 1, ...), or an impossible combination (Ulysses
+with a head count CP does not divide, LoRA settings with `finetune: full`, a world size TP x CP does not
+divide, the DeepSpeed engine with TP or a non-batched pair mode). `resume_changes` compares a run's config
+with the one its checkpoint was written under.
 """
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +49,7 @@ class DataConfig:
     prefetch: int = 2  # batches each worker reads ahead (with num_workers > 0)
     val_pairs: str | None = None  # validation and sample pairs; default: DIR/test.jsonl
     text_len: int = 512
+    on_corrupt: str = "abort"  # a sample failing its CRC32: "abort" the run, or "skip" it (counted, logged)
 
 
 @dataclass
@@ -138,7 +142,31 @@ CHOICES = {
     "model.layer_provider": ("auto", "local", "te"),
     "objective.mode": MODES, "objective.pair_mode": PAIR_MODES, "objective.reference": KINDS,
     "objective.timestep_sampling": ("uniform", "logit_normal"), "optim.schedule": ("constant", "cosine"),
+    "data.on_corrupt": ("abort", "skip"),
 }
+
+# key: (lowest, whether the lowest itself is allowed, highest or None); every bound is finite
+RANGES = {
+    "run.tensor_parallel": (1, True, None), "run.context_parallel": (1, True, None), "run.batch_size": (1, True, None),
+    "run.steps": (1, True, None), "run.seed": (0, True, 2**63 - 1), "run.save_every": (1, True, None),
+    "run.keep_last": (1, True, None), "run.log_every": (1, True, None), "run.max_bad_steps": (1, True, None),
+    "run.collapse_gap": (0, True, None), "run.collapse_steps": (1, True, None),
+    "model.init_seed": (0, True, 2**63 - 1),
+    "run.validate_every": (0, True, None), "run.validate_pairs": (1, True, None), "run.sample_every": (0, True, None),
+    "run.sample_count": (1, True, None), "run.sample_steps": (1, True, None), "run.sample_guidance_scale": (0, True, None),
+    "data.num_workers": (0, True, None), "data.prefetch": (1, True, None), "data.text_len": (1, True, None),
+    "lora.rank": (1, True, None), "lora.alpha": (0, False, None),
+    "objective.beta": (0, False, None), "objective.shift": (0, False, None),
+    "optim.lr": (0, False, None), "optim.weight_decay": (0, True, None), "optim.eps": (0, False, None),
+    "optim.grad_clip": (0, True, None), "optim.warmup_steps": (0, True, None), "optim.min_lr": (0, True, None),
+}
+
+# What a resumed run may change: everything outside these sections and keys, and these exceptions inside them.
+# The rest changes what is computed (or is restored from the optimizer state and would be silently ignored).
+RESUME_FIXED = ("objective", "model", "lora", "data", "run.task", "run.finetune", "run.seed", "run.dtype",
+                "run.batch_size", "run.engine", "optim.betas", "optim.eps", "optim.weight_decay")
+RESUME_FREE = ("model.attention_backend", "model.layer_provider", "model.cp_comm", "model.recompute",
+               "data.num_workers", "data.prefetch", "data.val_pairs", "data.on_corrupt")
 
 
 def _check_type(key: str, value, hint):
@@ -222,7 +250,14 @@ def _get(cfg: Config, key: str):
     return getattr(getattr(cfg, section), name)
 
 
-def _check_cp_comm(cfg: Config, latent_shapes) -> None:
+def _check_range(key: str, value, low, inclusive: bool, high) -> None:
+    ok = math.isfinite(value) and (value >= low if inclusive else value > low) and (high is None or value <= high)
+    if not ok:
+        expected = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ConfigError(f"{key}: expected {expected}, found {value}")
+
+
+def check_cp_comm(cfg: Config, latent_shapes) -> None:
     """An explicit model.cp_comm that cannot run this model, dtype (and, given them, these latent shapes)."""
     m, run = cfg.model, cfg.run
     arch = WanConfig().replace(**PRESETS[m.preset]) if m.weights is None else None
@@ -248,15 +283,23 @@ def validate(cfg: Config, world_size: int | None = None, latent_shapes=None) -> 
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, found {_get(cfg, key)!r}")
     run, obj = cfg.run, cfg.objective
-    for key in ("run.tensor_parallel", "run.context_parallel", "run.batch_size", "run.steps", "run.save_every",
-                "run.keep_last", "run.log_every", "run.max_bad_steps"):
-        if _get(cfg, key) < 1:
-            raise ConfigError(f"{key}: expected >= 1, found {_get(cfg, key)}")
-    for key, least in (("data.num_workers", 0), ("data.prefetch", 1), ("run.validate_every", 0),
-                       ("run.validate_pairs", 1), ("run.sample_every", 0), ("run.sample_count", 1),
-                       ("run.sample_steps", 1)):
-        if _get(cfg, key) < least:
-            raise ConfigError(f"{key}: expected >= {least}, found {_get(cfg, key)}")
+    if cfg.lora is None:
+        ranges = {k: v for k, v in RANGES.items() if not k.startswith("lora.")}
+    else:
+        ranges = RANGES
+    for key, (low, inclusive, high) in ranges.items():
+        _check_range(key, _get(cfg, key), low, inclusive, high)
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr: expected <= optim.lr = {cfg.optim.lr}, found {cfg.optim.min_lr}")
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                  for b in betas):
+        raise ConfigError(f"optim.betas: expected two numbers in [0, 1), found {betas!r}")
+    if cfg.lora is not None and (not cfg.lora.targets or not all(isinstance(t, str) and t for t in cfg.lora.targets)):
+        raise ConfigError(f"lora.targets: expected a non-empty list of layer names (e.g. {list(DEFAULT_TARGETS)}), "
+                          f"found {cfg.lora.targets!r}")
+    if not run.output_dir:
+        raise ConfigError("run.output_dir: expected a directory, found an empty string")
     if cfg.model.weights is None and cfg.model.preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown {cfg.model.preset!r}; known: {sorted(PRESETS)}")
     if obj.mode != "sft":
@@ -279,7 +322,7 @@ def validate(cfg: Config, world_size: int | None = None, latent_shapes=None) -> 
             raise ConfigError("objective.pair_mode: the deepspeed engine runs one backward per step; use batched")
     if obj.pair_mode == "ranks" and run.context_parallel != 1:
         raise ConfigError("objective.pair_mode: 'ranks' pairs data-parallel ranks; it needs run.context_parallel=1")
-    _check_cp_comm(cfg, latent_shapes)
+    check_cp_comm(cfg, latent_shapes)
     if world_size is not None:
         mp = run.tensor_parallel * run.context_parallel
         if world_size % mp:
@@ -288,3 +331,26 @@ def validate(cfg: Config, world_size: int | None = None, latent_shapes=None) -> 
         if obj.pair_mode == "ranks" and (world_size // mp) % 2:
             raise ConfigError(f"objective.pair_mode: 'ranks' needs an even data-parallel size, found "
                               f"{world_size // mp}")
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for name, value in values.items():
+        if isinstance(value, dict) and prefix.count(".") < 1:
+            out.update(_flat(value, f"{prefix}{name}."))
+        else:
+            out[prefix + name] = value
+    return out
+
+
+def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
+    """(refused, allowed): 'key: old -> new' for every key whose value differs between the config a checkpoint
+    was written under (`saved`, `Config.to_dict()`) and `cfg`; refused are the ones that change the math."""
+    old, new = _flat(saved), _flat(cfg.to_dict())
+    refused, allowed = [], []
+    for key in sorted(set(old) | set(new)):
+        if key not in old or key not in new or old[key] == new[key]:
+            continue  # a key only one side knows (another version of this code) is not a change of setting
+        fixed = key not in RESUME_FREE and any(key == f or key.startswith(f + ".") for f in RESUME_FIXED)
+        (refused if fixed else allowed).append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return refused, allowed

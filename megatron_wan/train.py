@@ -11,6 +11,7 @@ exactly where it stopped.
 import argparse
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -25,10 +26,11 @@ from tqdm import tqdm
 from megatron_wan import checkpointing, parallel, preemption, train_samples
 from megatron_wan.bench.flops import step_flops, video_tokens
 from megatron_wan.bench.meters import peak_flops
-from megatron_wan.config import Config, ConfigError, load_config, validate
+from megatron_wan.config import Config, ConfigError, check_cp_comm, load_config, resume_changes, validate
 from megatron_wan.data.datasets import PairDataset
 from megatron_wan.data.loader import PairLoader, to_pair_batch
 from megatron_wan.data.samplers import BucketBatchSampler
+from megatron_wan.data.shards import CorruptSample
 from megatron_wan.engines import build_engine
 from megatron_wan.model import WanModel, preset
 from megatron_wan.model.lora import apply_lora
@@ -77,10 +79,11 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         run = cfg.run
-        parallel.initialize(run.tensor_parallel, run.context_parallel, seed=run.seed)
-        self.dataset = PairDataset(cfg.data.dir, cfg.data.pairs, cfg.data.text_len)
-        validate(cfg, dist.get_world_size(), self.dataset.shapes)  # before the model: CP must take these videos
+        validate(cfg, _world_size())  # before the process groups: a layout error is a ConfigError, not a traceback
+        self.dataset = PairDataset(cfg.data.dir, cfg.data.pairs, cfg.data.text_len, cfg.data.on_corrupt)
+        check_cp_comm(cfg, self.dataset.shapes)  # before the model: CP must take these videos
         self.val_path = val_pairs_path(cfg)
+        parallel.initialize(run.tensor_parallel, run.context_parallel, seed=run.seed)
         self.rank = dist.get_rank()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.device = self.device or torch.device("cpu")
@@ -89,6 +92,10 @@ class Trainer:
         self.autocast = run.dtype == "bf16"
         if torch.cuda.is_available():  # the peak below (and MFU) follows this setting
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = run.tf32
+        self.ckpt_root = self.out / "checkpoints"
+        resume_from = checkpointing.latest(self.ckpt_root, report=self._report) if run.resume else None
+        if resume_from:
+            self._check_resume(resume_from)
 
         model = build_model(cfg).to(self.device)
         if run.finetune == "lora":
@@ -116,9 +123,8 @@ class Trainer:
                                  prefetch=cfg.data.prefetch, pin_memory=self.device.type == "cuda")
         self.step, self.skipped, self.bad_in_row = 0, 0, 0
         self.save_seconds = 0.0  # the last save's duration (a resumed run: the checkpoint's)
+        self.corrupt_skipped = 0  # pairs this rank skipped for a failed CRC32 (data.on_corrupt=skip)
         self.watchdog = CollapseWatchdog(run.collapse_gap, run.collapse_steps)
-        self.ckpt_root = self.out / "checkpoints"
-        resume_from = checkpointing.latest(self.ckpt_root) if run.resume else None
         if resume_from:
             trainer_state, rank_state = checkpointing.load(resume_from, self.engine)
             self.step, self.skipped = trainer_state["step"], trainer_state["skipped"]
@@ -156,10 +162,26 @@ class Trainer:
             sampler = train_samples.StepSampler(cfg, encoder_dir, self.out, self.device, autocast=self.autocast)
         return validator, sampler
 
+    def _report(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"train: {message}", file=sys.stderr, flush=True)
+
+    def _check_resume(self, path: Path) -> None:
+        """Refuse to resume `path` under settings that change the math; report the ones that may change."""
+        saved = json.loads((path / "trainer.json").read_text())["config"]
+        refused, allowed = resume_changes(saved, self.cfg)
+        if refused:
+            raise ConfigError(f"resume from {path}: {'; '.join(refused)} (these change the run's math: set them "
+                              f"back, or start a new run with another run.output_dir or run.resume=false)")
+        if allowed:
+            self._report(f"resume from {path} with changed settings: {'; '.join(allowed)}")
+
     # -- one step ----------------------------------------------------------------------------------
 
     def _batch(self) -> PairBatch:
-        return to_pair_batch(next(self.loader), self.device, self.cfg.objective.mode != "sft",
+        batch = next(self.loader)
+        self.corrupt_skipped += batch["corrupt_skipped"]
+        return to_pair_batch(batch, self.device, self.cfg.objective.mode != "sft",
                              non_blocking=self.device.type == "cuda")
 
     def _mean_over_dp(self, metrics: dict) -> dict:
@@ -294,7 +316,10 @@ class Trainer:
         finally:
             bar.close()
             preemption.restore(previous)
+        corrupt = torch.tensor([self.corrupt_skipped], device=self.device)
+        dist.all_reduce(corrupt)
         summary = {"steps": self.step, "steps_this_launch": self.step - first_step, "skipped": self.skipped,
+                   "corrupt_pairs_skipped": int(corrupt.item()),
                    "collapse_warnings": self.watchdog.warned, "interrupted": self.step < run.steps,
                    "resumed_from": self.resumed_from, "seconds": time.perf_counter() - started,
                    "watch_seconds": self.watch_seconds,
@@ -316,15 +341,27 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _world_size() -> int:
+    """The world size this process will join (torchrun's WORLD_SIZE; 1 for a plain process)."""
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     preemption.install()  # a stop signal while the model loads is a request to stop, not the end of the process
     try:
         cfg = load_config(args.config, args.overrides)
         trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except ConfigError as e:  # the same on every rank: one line, from rank 0
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megatron_wan.train: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except FileNotFoundError as e:
         sys.exit(f"megatron_wan.train: {e}")
-    return trainer.run()
+    try:
+        return trainer.run()
+    except CorruptSample as e:  # data.on_corrupt=abort: the shard and sample, not a traceback
+        sys.exit(f"megatron_wan.train: rank {trainer.rank}: {e}")
 
 
 if __name__ == "__main__":

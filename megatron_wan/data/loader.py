@@ -29,8 +29,9 @@ class _Indexed(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Items of PairDataset -> {"index": [int], "id": [str], tensor field: stacked [B, ...]}."""
-    batch = {"index": [it["index"] for it in items], "id": [it["id"] for it in items]}
+    """Items of PairDataset -> {"index": [int], "id": [str], "corrupt_skipped": int, tensor field: stacked [B, ...]}."""
+    batch = {"index": [it["index"] for it in items], "id": [it["id"] for it in items],
+             "corrupt_skipped": sum(it.get("corrupt_skipped", 0) for it in items)}
     for name, value in items[0].items():
         if isinstance(value, torch.Tensor):
             batch[name] = torch.stack([it[name] for it in items])

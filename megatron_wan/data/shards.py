@@ -8,7 +8,8 @@ A shard is two files:
                  "samples": [{"key": str, "crc32": int,
                               "fields": {name: {"dtype": str, "shape": [int], "offset": int, "nbytes": int}}}]}
 
-A sample's CRC32 (zlib) covers its fields' bytes in field order, padding excluded. The writer writes both
+A sample's CRC32 (zlib) covers its fields' bytes in field order, padding excluded; `get(key, check=True)` checks
+it as the sample is read (CorruptSample names shard and sample), `verify` checks every sample. The writer writes both
 files under temporary names, fsyncs them, then renames the .bin and, last, the .idx: a shard exists
 exactly when its .idx does. Reading memory-maps the .bin; nothing is pickled.
 """
@@ -31,6 +32,10 @@ _HEAD = struct.Struct("<8sIQ")  # magic, version, JSON length
 DTYPES = {name: getattr(torch, name) for name in (
     "bool", "uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64")}
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class CorruptSample(ValueError):
+    """A sample whose bytes do not match its CRC32 (a flipped bit on disk); the message names shard and sample."""
 
 
 def shard_paths(prefix) -> tuple[str, str]:
@@ -212,12 +217,23 @@ class ShardReader:
             raise KeyError(f"sample {key!r} not in shard {self.idx_path}") from None
         return {name: (dtype, shape) for name, dtype, shape, *_ in fields}
 
-    def get(self, key: str, *, copy: bool = True) -> dict[str, torch.Tensor]:
-        """{field: tensor} of one sample, bit-exact; copies, or mmap-backed views with copy=False (see class)."""
+    def _check(self, key: str, crc: int, fields) -> None:
+        view, found = memoryview(self._buf), 0
+        for *_, offset, nbytes in fields:
+            found = zlib.crc32(view[offset:offset + nbytes], found)
+        if found != crc:
+            raise CorruptSample(f"{self.bin_path}: sample {key!r} is corrupted "
+                                f"(CRC32 expected {crc:08x}, found {found:08x})")
+
+    def get(self, key: str, *, copy: bool = True, check: bool = False) -> dict[str, torch.Tensor]:
+        """{field: tensor} of one sample, bit-exact; copies, or mmap-backed views with copy=False (see class).
+        `check`: first recompute its CRC32, raising CorruptSample on a mismatch."""
         try:
-            _, fields = self._samples[key]
+            crc, fields = self._samples[key]
         except KeyError:
             raise KeyError(f"sample {key!r} not in shard {self.idx_path}") from None
+        if check:
+            self._check(key, crc, fields)
         out = {}
         for name, dtype, shape, offset, nbytes in fields:
             if nbytes == 0:
@@ -231,13 +247,8 @@ class ShardReader:
         return self.get(key)
 
     def verify(self) -> int:
-        """Recompute every sample's CRC32; raise ValueError naming the first corrupted sample, else return the count."""
-        view = memoryview(self._buf)
+        """Recompute every sample's CRC32; raise CorruptSample (a ValueError) naming the first corrupted sample,
+        else return the count."""
         for key, (crc, fields) in self._samples.items():
-            found = 0
-            for *_, offset, nbytes in fields:
-                found = zlib.crc32(view[offset:offset + nbytes], found)
-            if found != crc:
-                raise ValueError(f"{self.bin_path}: sample {key!r} is corrupted "
-                                 f"(CRC32 expected {crc:08x}, found {found:08x})")
+            self._check(key, crc, fields)
         return len(self._samples)

@@ -19,7 +19,7 @@ from megatron_wan.model.embeddings import Head, ImageEmbedding, TimeEmbedding, T
 from megatron_wan.model.rope import rope_cos_sin
 from megatron_wan.model.specs import block_spec
 from megatron_wan.model.wan_config import WanConfig
-from megatron_wan.parallel.context_parallel import FrameShard, gather_tokens
+from megatron_wan.parallel.context_parallel import FrameShard, gather_tokens, replicated, scatter_frames
 
 
 class WanModel(MegatronModule):
@@ -99,15 +99,20 @@ class WanModel(MegatronModule):
         text_emb [B, L, text_dim] (used at the length given), clip_emb [B, 257, image_dim] -> [B, C_out, F, H, W].
 
         Under context parallelism every rank passes the whole input; the video is sharded along frames
-        inside. `gather_output=True` returns the whole prediction on every rank; `False` returns (this rank's
-        frames of it [B, C_out, k*p_t, H, W], tail padding included, and its FrameShard): the training path,
+        inside. `gather_output=True` returns the whole prediction on every rank, and every rank gets the
+        complete gradient of its inputs (replicated tensors, see parallel.context_parallel); `False` returns (this
+        rank's frames of it [B, C_out, k*p_t, H, W], tail padding included, and its FrameShard): the training path,
         whose loss is computed on the local shard. Given a `shard`, x is already that shard's frames
         (`shard.local_latents` of the whole input), as a sampler holds them through its loop.
         """
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(x.shape[0])
         if shard is None:
             shard = FrameShard.current(self.token_grid(x), self.wan.patch_size[0])
-            x = shard.local_latents(x)
+            if gather_output:  # replicated inputs and output: every rank gets the complete input gradients
+                x = scatter_frames(x, shard)
+                timestep, text_emb, clip_emb = (replicated(t, shard) for t in (timestep, text_emb, clip_emb))
+            else:
+                x = shard.local_latents(x)
         elif self.token_grid(x) != shard.local_grid:
             raise ValueError(f"WanModel input: a shard of token grid {list(shard.local_grid)} was given, "
                              f"the input's is {list(self.token_grid(x))}")

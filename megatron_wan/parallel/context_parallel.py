@@ -16,8 +16,13 @@ Self-attention across ranks (`cp_comm`):
   of our tail padding, and its p2p CP needs an even sequence length per rank and a half-precision kernel; a
   video it cannot take is refused by name (`te_cp_problem`), and `auto` never picks it for such a video.
 
-Gradient convention: every CP rank returns the gradient of its own tokens' share; the data-parallel
-gradient reduction over CP ranks adds the shares (as Megatron-LM does).
+Gradient convention: parameters get each CP rank's share of the gradient; the data-parallel gradient
+reduction over CP ranks adds the shares (as Megatron-LM does). Inputs: the training path (the model's
+`gather_output=False`) gives each rank its own frames' share too. The public forward (whole input on every rank
+-> whole output on every rank) treats its inputs as replicated tensors, as megatron's TP mappings do: the video
+is scattered to the frame shards with an all-gathered gradient (`scatter_frames`) and the conditioning gets an
+all-reduced one (`replicated`), so every rank holds the complete input gradient and the forward composes with
+other replicated computation (a loss on the output plus a term on the input, a sampler's chain of steps).
 """
 
 import math
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
 from megatron_wan import parallel
 
@@ -94,6 +100,41 @@ class FrameShard:
 
 
 # -- collectives with the autograd rules CP needs ---------------------------------------------------
+
+class _ScatterFrames(torch.autograd.Function):
+    """Split along dim 0 over the group, backward all-gathers: megatron's scatter to the sequence-parallel region
+    (whose gather allocates on CUDA), for any device."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.size = group, dist.get_world_size(group)
+        return x.chunk(ctx.size)[dist.get_rank(group)].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = [torch.empty_like(grad) for _ in range(ctx.size)]
+        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
+        return torch.cat(parts), None
+
+
+def scatter_frames(x: torch.Tensor, shard: FrameShard) -> torch.Tensor:
+    """`shard.local_latents(x)` of an x [B, C, F, H, W] that every CP rank holds whole, whose gradient is the
+    whole input's on every rank: split over the CP group along the tail-padded frame axis, backward all-gather."""
+    if shard.size == 1:
+        return x
+    frames = shard.size * shard.frames_per_rank * shard.patch_t
+    if x.shape[2] < frames:
+        x = torch.cat([x, x.new_zeros(*x.shape[:2], frames - x.shape[2], *x.shape[3:])], dim=2)
+    return _ScatterFrames.apply(x.movedim(2, 0), parallel.cp_group()).movedim(0, 2).contiguous()
+
+
+def replicated(t: torch.Tensor | None, shard: FrameShard) -> torch.Tensor | None:
+    """A tensor every CP rank holds whole and uses for its own tokens (text, image, timestep): the identity,
+    whose gradient is all-reduced over CP (megatron's copy to the model-parallel region, on the CP group)."""
+    if t is None or shard.size == 1 or not t.requires_grad:
+        return t
+    return copy_to_tensor_model_parallel_region(t, group=parallel.cp_group())
+
 
 class _GatherTokens(torch.autograd.Function):
     """All-gather of [s_local, ...] over CP; every rank goes on to the same loss, so the backward keeps
