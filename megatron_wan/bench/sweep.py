@@ -72,20 +72,25 @@ class Result:
     memory: int  # bytes, the largest rank
 
 
-def write_dataset(out: Path, grid, pairs: int = 8, seed: int = 0) -> Path:
-    """A T2V encoded dataset of `pairs` pairs of random latents [16, *grid] in `data_tools encode`'s layout."""
+def write_dataset(out: Path, grid, pairs: int = 8, seed: int = 0, task: str = "t2v") -> Path:
+    """An encoded dataset of `pairs` pairs of random latents [16, *grid] in `data_tools encode`'s layout (I2V: with
+    the winner's CLIP tokens and conditioning latent, for the `tiny-i2v` preset)."""
     out.mkdir(parents=True, exist_ok=True)
-    text_dim = preset(PRESET).text_dim
+    cfg = preset(PRESET if task == "t2v" else "tiny-i2v")
     g = torch.Generator().manual_seed(seed)
     with ShardWriter(out / "shard-00000", metadata={"synthetic": True}) as w:
         for i in range(pairs):
             for side in ("win", "lose"):
-                w.add(f"{side}{i}", {"latent": torch.randn(LATENT_CHANNELS, *grid, generator=g),
-                                     "text_emb": torch.randn(TEXT_TOKENS, text_dim, generator=g)})
+                sample = {"latent": torch.randn(LATENT_CHANNELS, *grid, generator=g),
+                          "text_emb": torch.randn(TEXT_TOKENS, cfg.text_dim, generator=g)}
+                if task == "i2v" and side == "win":
+                    sample["clip_emb"] = torch.randn(257, cfg.image_dim, generator=g)
+                    sample["cond_latent"] = torch.randn(cfg.in_dim - cfg.out_dim, *grid, generator=g)
+                w.add(f"{side}{i}", sample)
     records = [{"id": f"pair{i}", "winner": {"id": f"win{i}"}, "loser": {"id": f"lose{i}"}, "split": "train"}
                for i in range(pairs)]
     (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    manifest = {"format": "megatron_wan-shards", "version": 1, "encoder": {"task": "t2v", "synthetic": True},
+    manifest = {"format": "megatron_wan-shards", "version": 1, "encoder": {"task": task, "synthetic": True},
                 "samples": 2 * pairs, "pairs": pairs, "shards": [{"prefix": "shard-00000", "samples": 2 * pairs}]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return out
