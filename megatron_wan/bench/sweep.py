@@ -3,8 +3,9 @@
     python -m megatron_wan.bench sweep [--out outputs/bench/sweep] [--grid 8 32 32] [--steps 5] [--quick]
 
 Rows: the engine (megatron vs DeepSpeed ZeRO-3 with parameters and optimizer offloaded), pair_mode (batched,
-sequential, ranks), context parallel size (1, 2, 4), activation checkpointing (off, on) and the reference (adapter,
-copy, copy_offload). The baseline is megatron, batched, CP=1, no checkpointing, adapter.
+sequential, ranks), context parallel size (1, 2, 4), activation checkpointing (off, on), the reference (adapter,
+copy, copy_offload) and FSDP2 sharding (run.dp_shard 2, LoRA and full fine-tune). The baseline is megatron,
+batched, CP=1, no checkpointing, adapter, replicated (dp_shard 1).
 
 Each row is the training stack itself (Trainer: PairDataset, engine, objective) with the `tiny` preset, LoRA, fp32,
 one pair per data-parallel rank, on local processes (launch.local.run_local; gloo on CPU, where the processes share
@@ -16,7 +17,8 @@ Rows with the same process layout run in the same processes, their steps interle
 so that a drift of the machine hits them alike. Per row: the median step time of the timed steps and, from it,
 pairs/s, video tokens/s, model TFLOP/s and MFU (the Trainer's: FLOPs from bench.flops, against a matmul timed in
 each process on CPU); memory is the peak of one further step on the largest rank: on CPU the bytes saved for
-backward (exact, SavedTensorMeter, parameters excluded), on CUDA the peak allocated bytes. Ratios are against the
+backward (exact, SavedTensorMeter, parameters excluded), on CUDA the peak allocated bytes; state is the exact
+bytes of weights, gradients and optimizer state the Megatron engine holds on the largest rank. Ratios are against the
 baseline. Writes OUT/sweep.md (the table), OUT/sweep.png (the chart) and OUT/sweep.json.
 """
 
@@ -42,6 +44,9 @@ LATENT_CHANNELS = 16
 TEXT_TOKENS = 24  # stored per sample; PairDataset zero-pads them to data.text_len
 
 
+FULL = ("run.finetune=full", "lora=null", "objective.reference=copy")
+
+
 @dataclass(frozen=True)
 class Row:
     name: str
@@ -61,6 +66,9 @@ ROWS = (
     Row("recompute", "activation checkpointing per block", ("model.recompute=true",)),
     Row("ref-copy", "reference: frozen copy", ("objective.reference=copy",)),
     Row("ref-offload", "reference: copy offloaded, streamed per block", ("objective.reference=copy_offload",)),
+    Row("dp-shard-2", "FSDP2 dp_shard 2: LoRA base, adapters, gradients, AdamW sharded", ("run.dp_shard=2",)),
+    Row("full", "full fine-tune (reference: frozen copy), replicated", FULL),
+    Row("full-dp-shard-2", "full fine-tune, FSDP2 dp_shard 2 (policy and copy sharded)", (*FULL, "run.dp_shard=2")),
 )
 
 
@@ -70,6 +78,7 @@ class Result:
     step_s: float
     metrics: dict  # the Trainer's metrics of the median step, throughput recomputed at the median time
     memory: int  # bytes, the largest rank
+    state: int | None  # bytes of weights + gradients + optimizer state, the largest rank (megatron engine)
 
 
 def write_dataset(out: Path, grid, pairs: int = 8, seed: int = 0, task: str = "t2v") -> Path:
@@ -139,11 +148,23 @@ def _measure(rows: list[Row], data: Path, runs: Path, text_len: int, warmup: int
         for trainer in trainers.values():
             _step(trainer)
     memory = {name: _memory_of_step(trainer) for name, trainer in trainers.items()}
+    state = {name: _state_bytes(trainer.engine) for name, trainer in trainers.items()}
     timed = {name: [] for name in trainers}
     for _ in range(steps):
         for name, trainer in trainers.items():
             timed[name].append(_step(trainer))
-    return {name: {"memory": memory[name], "steps": timed[name]} for name in trainers}
+    return {name: {"memory": memory[name], "state": state[name], "steps": timed[name]} for name in trainers}
+
+
+def _state_bytes(engine) -> int | None:
+    """This rank's exact bytes of weights, gradients and AdamW state on the Megatron engine (gradients, freed at
+    each step's end, counted as the trainable shards they reduce into); None for DeepSpeed (offloaded)."""
+    from megatron_wan.bench.fsdp_memory import state_bytes
+    from megatron_wan.parallel.parallelize import local_bytes
+
+    if not hasattr(engine, "params"):
+        return None
+    return state_bytes(engine, gradients=False)["total"] + local_bytes(engine.params)
 
 
 def _median_step(steps: list[dict]) -> tuple[float, dict]:
@@ -174,14 +195,15 @@ def run(rows, data: Path, runs: Path, text_len: int, warmup: int, steps: int) ->
         for row in group:
             seconds, metrics = _median_step(per_rank[0][row.name]["steps"])
             memory = max(rank[row.name]["memory"] for rank in per_rank)
-            found[row.name] = Result(row, seconds, metrics, memory)
+            states = [rank[row.name]["state"] for rank in per_rank]
+            found[row.name] = Result(row, seconds, metrics, memory, None if None in states else max(states))
         print(f"sweep: {', '.join(r.name for r in group)} on {world} processes (CP={cp}): "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
     return [found[row.name] for row in rows]
 
 
 COLUMNS = ("setup", "ranks", "s/step", "pairs/s", "tokens/s", "TFLOP/s", "MFU", "memory MiB/rank",
-           "x step time", "x pairs/s", "x memory")
+           "state MiB/rank", "x step time", "x pairs/s", "x memory", "x state")
 
 
 def table(results: list[Result], memory_kind: str) -> str:
@@ -191,12 +213,15 @@ def table(results: list[Result], memory_kind: str) -> str:
         m = r.metrics
         cells = [r.row.name, f"{r.row.world} (CP={r.row.cp})", f"{r.step_s:.3f}", f"{m['samples_per_s']:.2f}",
                  f"{m['tokens_per_s']:.0f}", f"{m['tflops']:.4f}", f"{m['mfu']:.3f}", f"{r.memory / 2**20:.1f}",
+                 "-" if r.state is None else f"{r.state / 2**20:.2f}",
                  f"{r.step_s / base.step_s:.2f}", f"{m['samples_per_s'] / base.metrics['samples_per_s']:.2f}",
-                 f"{r.memory / base.memory:.2f}"]
+                 f"{r.memory / base.memory:.2f}", "-" if r.state is None else f"{r.state / base.state:.2f}"]
         lines.append("| " + " | ".join(cells) + f" | {r.row.setting} |")
     lines.append("")
-    lines.append(f"memory: {memory_kind}, the largest rank; MFU against the device's peak (CPU: a matmul timed in "
-                 "each process); x: ratio to the baseline row, measured in the same run (the rows of one process "
+    lines.append(f"memory: {memory_kind}, the largest rank; state: exact bytes of the policy's weights (trainable "
+                 "and frozen), gradients and AdamW state on the largest rank; MFU against the "
+                 "device's peak (CPU: a matmul timed in each process); x: ratio to the baseline row, measured in "
+                 "the same run (the rows of one process "
                  "layout with their steps interleaved, cp2 and cp4 in their own processes after them)")
     return "\n".join(lines)
 
@@ -261,7 +286,8 @@ def main(argv=None) -> list[dict]:
     (out / "sweep.md").write_text(text)
     chart(results, out / "sweep.png", title, memory_kind)
     rows_out = [{"name": r.row.name, "setting": r.row.setting, "world": r.row.world, "cp": r.row.cp,
-                 "step_s": r.step_s, "memory_bytes": r.memory, "metrics": r.metrics} for r in results]
+                 "step_s": r.step_s, "memory_bytes": r.memory, "state_bytes": r.state, "metrics": r.metrics}
+                for r in results]
     (out / "sweep.json").write_text(json.dumps({"title": title, "memory": memory_kind, "rows": rows_out}, indent=1))
     print(text)
     print(f"sweep: {time.perf_counter() - started:.0f} s -> {out / 'sweep.md'}, {out / 'sweep.png'}")
