@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
 def shard_size(dp_shard: int, dp_cp_size: int) -> int:
@@ -58,13 +58,12 @@ def mixed_precision(dtype: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(reduce_dtype=torch.float32)
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh, *, dtype: str = "fp32", reshard_after_forward: bool = True,
-                offload: bool = False) -> nn.Module:
+def parallelize(model: nn.Module, mesh: DeviceMesh, *, dtype: str = "fp32", reshard_after_forward: bool = True
+                ) -> nn.Module:
     """FSDP2 on every block of `model` (a WanModel) and on its root, over `mesh` (see data_parallel_mesh).
-    Frozen parameters (a LoRA base, a reference copy) are sharded like trainable ones. `offload` keeps the
-    shards in CPU memory (FSDP2's CPUOffloadPolicy). Returns `model`, now an FSDPModule."""
-    policy = dict(mesh=mesh, mp_policy=mixed_precision(dtype),
-                  offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy())
+    Frozen parameters (a LoRA base, a reference copy) are sharded like trainable ones. Returns `model`, now an
+    FSDPModule."""
+    policy = dict(mesh=mesh, mp_policy=mixed_precision(dtype))
     for block in model.blocks:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **policy)
     # the root's own parameters (embeddings, head) are needed first in backward: kept gathered, as torchtitan does
