@@ -95,8 +95,10 @@ def _rank_weights(path: Path, run: dict) -> list[dict]:
 
 def read_engine_weights(engine_dir: Path, tensor_parallel: int) -> list[dict]:
     """The Megatron engine's DCP checkpoint `engine_dir` as whole tensors, one dict per TP rank (no process group:
-    DCP assembles each weight from the shards of however many data-parallel ranks wrote it)."""
+    DCP assembles each weight from the shards of however many data-parallel ranks wrote it). Non-tensor entries
+    (megatron-core's `_extra_state`) are not weights and are left out."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if not (engine_dir / ".metadata").is_file():
         raise FileNotFoundError(f"{engine_dir}: missing (the Megatron engine's checkpoint, written by DCP)")
@@ -105,7 +107,7 @@ def read_engine_weights(engine_dir: Path, tensor_parallel: int) -> list[dict]:
     template = {}
     for r in range(tensor_parallel):
         prefix = f"{tp_key(r)}.model."
-        keys = [k for k in stored if k.startswith(prefix)]
+        keys = [k for k in stored if k.startswith(prefix) and isinstance(stored[k], TensorStorageMetadata)]
         if not keys:
             raise FileNotFoundError(f"{engine_dir}: run.tensor_parallel={tensor_parallel} but no weights of TP rank "
                                     f"{r} ({prefix}*)")
