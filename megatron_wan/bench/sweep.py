@@ -38,6 +38,7 @@ from launch.local import run_local
 from megatron_wan.bench.meters import SavedTensorMeter
 from megatron_wan.data.shards import ShardWriter
 from megatron_wan.model import preset
+from megatron_wan.parallel.parallelize import compute_parameters
 
 PRESET = "tiny"
 LATENT_CHANNELS = 16
@@ -129,7 +130,7 @@ def _memory_of_step(trainer) -> int:
         torch.cuda.reset_peak_memory_stats()
         _step(trainer)
         return torch.cuda.max_memory_allocated()
-    with SavedTensorMeter(exclude=list(trainer.engine.module.parameters())) as meter:
+    with SavedTensorMeter(exclude=compute_parameters(trainer.engine.module)) as meter:
         _step(trainer)
     return meter.peak
 

@@ -78,3 +78,19 @@ def local_bytes(tensors) -> int:
         local = t.to_local() if hasattr(t, "to_local") else t
         total += local.numel() * local.element_size()
     return total
+
+
+def compute_parameters(model: nn.Module) -> list:
+    """What `model`'s forward computes with under FSDP2: the local shards of its DTensor parameters and the
+    unsharded parameters FSDP2 gathers them into (which exist after a first forward), e.g. to tell weights from
+    activations among the tensors autograd saves."""
+    from torch.distributed.fsdp import FSDPModule
+
+    out = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group  # FSDP2 keeps no public handle on these
+            for param in group.fsdp_params if group else ():
+                if hasattr(param, "_unsharded_param"):
+                    out.append(param._unsharded_param)
+    return out
