@@ -1,9 +1,9 @@
 """Checkpoint directories: `OUT/checkpoints/step_000300/`, written under a temporary name and renamed when every
 rank has written its part, the newest K kept, `latest` pointing at the newest complete one.
 
-A checkpoint holds the engine's files (trainable weights, optimizer), `trainer.json` (step, counters, config)
-and per rank `rank_R.pt` (sampler position, RNG states), all loadable without pickle (torch.load
-weights_only, JSON). Every rank must call `save` (it synchronizes).
+A checkpoint holds the engine's files (trainable weights, optimizer), `trainer.json` (step, counters, config,
+world size, the sampler's global position) and per rank `rank_R.pt` (RNG states), all loadable without pickle
+(torch.load weights_only, JSON). Every rank must call `save` (it synchronizes).
 
 Integrity, whatever files the engine writes: once every rank has written, each file of the directory is
 fsynced and hashed (SHA-256; the ranks share the files out), `manifest.json` records every file's size and
@@ -182,10 +182,14 @@ def save(root, step: int, engine, trainer_state: dict, rank_state: dict, keep_la
 
 
 def load(path, engine) -> tuple[dict, dict]:
-    """Restore the engine from checkpoint `path`; returns (trainer_state, this rank's state)."""
+    """Restore the engine from checkpoint `path`; returns (trainer_state, this rank's state, None when the
+    checkpoint was written by another number of ranks)."""
     path = Path(path)
     engine.load(path)
+    trainer_state = json.loads((path / "trainer.json").read_text())
+    if trainer_state.get("world_size", dist.get_world_size()) != dist.get_world_size():
+        return trainer_state, None  # resumed on another world size: the per-rank states belong to other ranks
     rank_file = path / f"rank_{dist.get_rank():05d}.pt"
     if not rank_file.exists():
         raise FileNotFoundError(f"{rank_file}: missing (was the checkpoint written with another world size?)")
-    return json.loads((path / "trainer.json").read_text()), torch.load(rank_file, weights_only=True)
+    return trainer_state, torch.load(rank_file, weights_only=True)

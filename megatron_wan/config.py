@@ -96,7 +96,12 @@ class RunConfig:
     engine: str = "megatron"  # "megatron" or "deepspeed"
     tensor_parallel: int = 1
     context_parallel: int = 1
-    batch_size: int = 1  # pairs per data-parallel rank
+    batch_size: int = 1  # pairs per data-parallel rank and micro-batch
+    global_batch_size: int | None = None  # pairs per optimizer step over all data-parallel ranks (accumulating
+    # micro-batches of batch_size); default batch_size x data-parallel size
+    dp_shard: int = 1  # megatron engine, FSDP2 over the DP x CP ranks: 1 replicate, -1 shard over all, a divisor:
+    # shard within groups of that many ranks, replicate across them (hybrid)
+    reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (ZeRO-3) or keep until backward
     steps: int = 1000
     seed: int = 42
     dtype: str = "bf16"  # "bf16" or "fp32"
@@ -321,6 +326,13 @@ def validate(cfg: Config, world_size: int | None = None, latent_shapes=None) -> 
             raise ConfigError("run.tensor_parallel: the deepspeed engine shards with ZeRO-3, not TP; use 1")
         if obj.pair_mode != "batched":
             raise ConfigError("objective.pair_mode: the deepspeed engine runs one backward per step; use batched")
+    if run.dp_shard == 0 or run.dp_shard < -1:
+        raise ConfigError(f"run.dp_shard: expected -1 (shard over all data-parallel ranks) or >= 1, found "
+                          f"{run.dp_shard}")
+    if run.engine == "deepspeed" and run.dp_shard != 1:
+        raise ConfigError("run.dp_shard: the deepspeed engine shards with ZeRO-3; use 1")
+    if run.global_batch_size is not None and run.global_batch_size < 1:
+        raise ConfigError(f"run.global_batch_size: expected >= 1, found {run.global_batch_size}")
     if obj.pair_mode == "ranks" and run.context_parallel != 1:
         raise ConfigError("objective.pair_mode: 'ranks' pairs data-parallel ranks; it needs run.context_parallel=1")
     check_cp_comm(cfg, latent_shapes)
@@ -332,6 +344,28 @@ def validate(cfg: Config, world_size: int | None = None, latent_shapes=None) -> 
         if obj.pair_mode == "ranks" and (world_size // mp) % 2:
             raise ConfigError(f"objective.pair_mode: 'ranks' needs an even data-parallel size, found "
                               f"{world_size // mp}")
+        dp_cp = world_size // run.tensor_parallel
+        if run.dp_shard != -1 and dp_cp % run.dp_shard:
+            raise ConfigError(f"run.dp_shard: {run.dp_shard} does not divide the data-parallel x context-parallel "
+                              f"size {dp_cp}")
+        accumulation_steps(cfg, world_size)
+
+
+def accumulation_steps(cfg: Config, world_size: int) -> int:
+    """Micro-batches per optimizer step: run.global_batch_size / (run.batch_size x pair-holding DP ranks)."""
+    run = cfg.run
+    dp = world_size // (run.tensor_parallel * run.context_parallel)
+    if cfg.objective.pair_mode == "ranks" and cfg.objective.mode != "sft":
+        dp //= 2  # two partner ranks hold one pair
+    per_step = run.batch_size * dp
+    total = run.global_batch_size or per_step
+    if total % per_step:
+        raise ConfigError(f"run.global_batch_size: {total} is not a multiple of run.batch_size x data-parallel "
+                          f"size = {run.batch_size} x {dp}")
+    if run.engine == "deepspeed" and total != per_step:
+        raise ConfigError("run.global_batch_size: the deepspeed engine runs one micro-batch per step; use "
+                          f"{per_step} (run.batch_size x data-parallel size)")
+    return total // per_step
 
 
 def _flat(values: dict, prefix: str = "") -> dict:

@@ -15,7 +15,8 @@ formats other tools load. CHECKPOINT is a step folder, a run's checkpoints/ fold
 
 Default: the three adapter formats for a LoRA run, the transformer for a full fine-tune. Each is written under a
 temporary name and renamed when complete. DeepSpeed checkpoints are consolidated with DeepSpeed's own
-zero_to_fp32 (which unpickles its files); Megatron ones are read without pickle.
+zero_to_fp32 (which unpickles its files); Megatron ones (torch.distributed.checkpoint, sharded over any number of
+data-parallel ranks) are read whole in this one process, without pickle for the tensors.
 """
 
 import argparse
@@ -32,7 +33,7 @@ from safetensors.torch import save_file
 
 from megatron_wan import checkpointing
 from megatron_wan.encoders import DTYPES
-from megatron_wan.engines.megatron import engine_file
+from megatron_wan.engines.megatron import ENGINE_DIR, tp_key
 from megatron_wan.model import WanConfig, convert, preset
 
 ADAPTER_FORMATS = ("peft", "diffusers", "comfyui")
@@ -89,11 +90,31 @@ def _rank_weights(path: Path, run: dict) -> list[dict]:
         if not (path / "engine").is_dir():
             raise FileNotFoundError(f"{path / 'engine'}: missing (the DeepSpeed engine's checkpoint tag)")
         return [dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag="engine", exclude_frozen_parameters=True))]
-    files = [path / engine_file(r) for r in range(run["tensor_parallel"])]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{path}: run.tensor_parallel={run['tensor_parallel']} but {missing} missing")
-    return [torch.load(f, map_location="cpu", weights_only=True)["weights"] for f in files]
+    return read_engine_weights(path / ENGINE_DIR, run["tensor_parallel"])
+
+
+def read_engine_weights(engine_dir: Path, tensor_parallel: int) -> list[dict]:
+    """The Megatron engine's DCP checkpoint `engine_dir` as whole tensors, one dict per TP rank (no process group:
+    DCP assembles each weight from the shards of however many data-parallel ranks wrote it). Non-tensor entries
+    (megatron-core's `_extra_state`) are not weights and are left out."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not (engine_dir / ".metadata").is_file():
+        raise FileNotFoundError(f"{engine_dir}: missing (the Megatron engine's checkpoint, written by DCP)")
+    reader = dcp.FileSystemReader(str(engine_dir))
+    stored = reader.read_metadata().state_dict_metadata
+    template = {}
+    for r in range(tensor_parallel):
+        prefix = f"{tp_key(r)}.model."
+        keys = [k for k in stored if k.startswith(prefix) and isinstance(stored[k], TensorStorageMetadata)]
+        if not keys:
+            raise FileNotFoundError(f"{engine_dir}: run.tensor_parallel={tensor_parallel} but no weights of TP rank "
+                                    f"{r} ({prefix}*)")
+        template[tp_key(r)] = {"model": {k[len(prefix):]: torch.empty(stored[k].size, dtype=stored[k].properties.dtype)
+                                         for k in keys}}
+    dcp.load(template, storage_reader=reader, no_dist=True)
+    return [template[tp_key(r)]["model"] for r in range(tensor_parallel)]
 
 
 def _module(key: str) -> tuple[str, str]:

@@ -26,9 +26,17 @@ from tqdm import tqdm
 from megatron_wan import checkpointing, parallel, preemption, train_samples
 from megatron_wan.bench.flops import step_flops, video_tokens
 from megatron_wan.bench.meters import peak_flops
-from megatron_wan.config import Config, ConfigError, check_cp_comm, load_config, resume_changes, validate
+from megatron_wan.config import (
+    Config,
+    ConfigError,
+    accumulation_steps,
+    check_cp_comm,
+    load_config,
+    resume_changes,
+    validate,
+)
 from megatron_wan.data.datasets import PairDataset
-from megatron_wan.data.loader import PairLoader, to_pair_batch
+from megatron_wan.data.loader import PairLoader, micro_batches, to_pair_batch
 from megatron_wan.data.samplers import BucketBatchSampler
 from megatron_wan.data.shards import CorruptSample
 from megatron_wan.engines import build_engine
@@ -106,7 +114,8 @@ class Trainer:
                     if not p.requires_grad:
                         p.data = p.data.to(torch.bfloat16)
         self.reference = make_reference(cfg.objective.reference, model) if cfg.objective.mode != "sft" else None
-        self.engine = build_engine(cfg, model)
+        frozen_copy = self.reference.model if cfg.objective.reference == "copy" and self.reference else None
+        self.engine = build_engine(cfg, model, frozen_copy)
         self.wan = model.wan
 
         if self.dataset.task != run.task:
@@ -114,7 +123,10 @@ class Trainer:
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         ranks = cfg.objective.pair_mode == "ranks" and cfg.objective.mode != "sft"
         self.pair_split = 2 if ranks else 1  # pair_mode ranks: two partner ranks share each pair, one member each
-        self.sampler = BucketBatchSampler(self.dataset.shapes, run.batch_size, dp_rank=self.dp_rank // self.pair_split,
+        self.accumulation = accumulation_steps(cfg, dist.get_world_size())
+        # each step, this rank's share of the global batch, run as `accumulation` micro-batches of run.batch_size
+        self.sampler = BucketBatchSampler(self.dataset.shapes, run.batch_size * self.accumulation,
+                                          dp_rank=self.dp_rank // self.pair_split,
                                           dp_size=self.dp_size // self.pair_split, seed=run.seed)
         o = cfg.objective
         self.objective = PairObjective(FlowMatching(o.shift, o.timestep_sampling, seed=run.seed), o.mode, o.beta,
@@ -129,8 +141,9 @@ class Trainer:
             trainer_state, rank_state = checkpointing.load(resume_from, self.engine)
             self.step, self.skipped = trainer_state["step"], trainer_state["skipped"]
             self.save_seconds = trainer_state.get("save_seconds", 0.0)
-            self.loader.load_state_dict(rank_state["sampler"])
-            checkpointing.set_rng_state(rank_state["rng"])
+            self.loader.load_state_dict(trainer_state["sampler"])  # global: resumes on any data-parallel size
+            if rank_state:  # None when resumed on another world size (no RNG stream is used by a step)
+                checkpointing.set_rng_state(rank_state["rng"])
         self.resumed_from = str(resume_from) if resume_from else None
         self.peak, self.peak_source = peak_flops(torch.bfloat16 if self.autocast else torch.float32)
         self.log = None
@@ -178,11 +191,13 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------------
 
-    def _batch(self) -> PairBatch:
+    def _micro_batches(self) -> list[PairBatch]:
+        """This rank's share of the step's global batch, as `accumulation` micro-batches of run.batch_size."""
         batch = next(self.loader)
         self.corrupt_skipped += batch["corrupt_skipped"]
-        return to_pair_batch(batch, self.device, self.cfg.objective.mode != "sft",
-                             non_blocking=self.device.type == "cuda")
+        return [to_pair_batch(micro, self.device, self.cfg.objective.mode != "sft",
+                              non_blocking=self.device.type == "cuda")
+                for micro in micro_batches(batch, self.cfg.run.batch_size)]
 
     def _mean_over_dp(self, metrics: dict) -> dict:
         names = sorted(metrics)
@@ -197,23 +212,31 @@ class Trainer:
                            self.cfg.objective.pair_mode, lora_rank, self.wan.recompute)
         return {k: v / self.pair_split for k, v in parts.items()}
 
+    def _backward(self, loss):
+        self.engine.backward(loss / self.accumulation)  # the optimizer step's loss: the mean over micro-batches
+
     def train_step(self) -> dict:
         t0 = time.perf_counter()
-        batch = self._batch()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.objective.step(self.engine.model, self.reference, batch, self.step,
-                                      backward=self.engine.backward)
+        size = self.cfg.run.batch_size
+        self.engine.begin_step(self.accumulation * self.objective.backward_passes(size))
+        outs, micro = [], self._micro_batches()
+        for batch in micro:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                outs.append(self.objective.step(self.engine.model, self.reference, batch, self.step,
+                                                backward=self._backward).metrics)
         lr = learning_rate(self.step, self.cfg)
         grad_norm, stepped = self.engine.step(lr)
-        stepped = stepped and math.isfinite(out.metrics["loss"])
+        local = {k: sum(m[k] for m in outs) / len(outs) for k in outs[0]}
+        stepped = stepped and math.isfinite(local["loss"])
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             if self.cfg.run.empty_cache:
                 torch.cuda.empty_cache()
         seconds = time.perf_counter() - t0
-        metrics = self._mean_over_dp(out.metrics)
-        flops = self._flops(batch.win.shape[2:], len(batch.sample_ids))["total"]
-        pairs = len(batch.sample_ids) * self.dp_size // self.pair_split
+        metrics = self._mean_over_dp(local)
+        step_pairs = sum(len(b.sample_ids) for b in micro)
+        flops = self._flops(batch.win.shape[2:], step_pairs)["total"]
+        pairs = step_pairs * self.dp_size // self.pair_split
         videos = pairs * (1 if self.cfg.objective.mode == "sft" else 2)
         per_device = flops / (self.cfg.run.tensor_parallel * self.cfg.run.context_parallel) / seconds
         metrics.update(lr=lr, grad_norm=grad_norm, step_time=seconds, samples_per_s=pairs / seconds,
@@ -232,8 +255,9 @@ class Trainer:
     def save(self) -> None:
         started = time.perf_counter()
         state = {"step": self.step, "skipped": self.skipped, "config": self.cfg.to_dict(),
-                 "save_seconds": self.save_seconds}
-        rank_state = {"sampler": self.loader.state_dict(), "rng": checkpointing.rng_state()}
+                 "save_seconds": self.save_seconds, "world_size": dist.get_world_size(),
+                 "sampler": self.loader.state_dict()}  # global batches: resumes on any data-parallel size
+        rank_state = {"rng": checkpointing.rng_state()}
         checkpointing.save(self.ckpt_root, self.step, self.engine, state, rank_state, self.cfg.run.keep_last)
         self.save_seconds = time.perf_counter() - started
 
@@ -266,7 +290,7 @@ class Trainer:
 
     def _write_flops(self) -> None:
         grid = self.dataset.shapes[0][1:]
-        parts = self._flops(grid, self.cfg.run.batch_size)
+        parts = self._flops(grid, self.cfg.run.batch_size * self.accumulation)
         (self.out / "flops.json").write_text(json.dumps({
             "per_data_parallel_rank_step": parts, "latent_grid": list(grid), "text_len": self.cfg.data.text_len,
             "peak_flops_per_device": self.peak, "peak_source": self.peak_source, "tf32": self.cfg.run.tf32},

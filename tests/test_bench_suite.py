@@ -29,6 +29,9 @@ def test_quick_sweep_writes_its_table_and_chart(tmp_path):
     saved = {r["name"]: r["memory_bytes"] for r in rows}
     assert saved["sequential"] < saved["baseline"] and saved["ranks"] < saved["baseline"]  # one member at a time
     assert saved["recompute"] < saved["baseline"] and saved["cp4"] < saved["cp2"] < saved["baseline"]
+    state = {r["name"]: r["state_bytes"] for r in rows}  # exact: FSDP2 over 2 ranks halves it (but the step counters)
+    assert state["dp-shard-2"] < 0.52 * state["baseline"] and state["full-dp-shard-2"] < 0.52 * state["full"]
+    assert state["deepspeed"] is None and state["full"] > 3 * state["baseline"]  # full: gradients, moments of all
 
 
 def test_mfu_reports_ours_and_diffusers(tmp_path):

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from diffusers import WanPipeline, WanTransformer3DModel
 from peft import PeftModel
 from safetensors import safe_open
@@ -18,6 +19,7 @@ from test_train import argv
 from wan_reference import inputs, perturbed_reference, rel_err
 
 from launch.local import run_local
+from megatron_wan.engines.megatron import ENGINE_DIR, tp_key
 from megatron_wan.export import ADAPTER_FORMATS, FORMATS, export, main, read_checkpoint
 from megatron_wan.model import preset
 from megatron_wan.model.convert import param_table, rename, split_tp, to_ours
@@ -110,8 +112,8 @@ def test_cli_refuses_to_overwrite(run, capsys):
 def _fake_checkpoint(step_dir: Path, shards: list[dict], base, finetune="full") -> Path:
     """A checkpoint as MegatronEngine.save and the trainer write it."""
     step_dir.mkdir(parents=True)
-    for r, weights in enumerate(shards):
-        torch.save({"weights": weights, "optimizer": {}}, step_dir / f"engine-tp{r:02d}.pt")
+    state = {tp_key(r): {"model": weights} for r, weights in enumerate(shards)}
+    dcp.save(state, checkpoint_id=step_dir / ENGINE_DIR, no_dist=True)
     config = {"run": {"finetune": finetune, "engine": "megatron", "tensor_parallel": len(shards)},
               "model": {"weights": str(base), "layout": "diffusers", "preset": "tiny"}, "lora": None}
     (step_dir / "trainer.json").write_text(json.dumps({"step": 7, "config": config}))
@@ -130,8 +132,10 @@ def test_full_finetune_tp2_exports_bit_exactly(models, tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in reference.state_dict().items())
     with pytest.raises(ValueError, match=r"\['peft'\] need LoRA adapters; .* is a full fine-tune"):
         export(ckpt, tmp_path / "other", formats=["peft"])
-    (ckpt / "engine-tp01.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="engine-tp01.pt"):
+    config = json.loads((ckpt / "trainer.json").read_text())
+    config["config"]["run"]["tensor_parallel"] = 3
+    (ckpt / "trainer.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match=r"run.tensor_parallel=3 but no weights of TP rank 2 \(tp02.model"):
         export(ckpt, tmp_path / "other")
 
 

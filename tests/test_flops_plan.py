@@ -15,6 +15,7 @@ from megatron_wan import parallel
 from megatron_wan.bench import activation_memory, plan
 from megatron_wan.bench.flops import forward_flops, step_flops, video_tokens
 from megatron_wan.bench.meters import SavedTensorMeter
+from megatron_wan.config import ConfigError
 from megatron_wan.model import WanModel, preset
 from megatron_wan.model.lora import apply_lora
 from megatron_wan.objectives.flow_matching import FlowMatching
@@ -148,7 +149,8 @@ def test_planner_answers_the_paper_case(capsys):
     assert (setup.preset, setup.height, setup.width, setup.frames, setup.gpus, setup.cp, setup.gpu) == (
         "wan2.1-i2v-14b-720p", 720, 1280, 200, 8, 4, "h100")
     by_name = {row["name"]: row for row in rows}
-    assert list(by_name) == ["megatron tp1 cp4", "deepspeed tp1 cp4", "fsdp tp1 cp1", "fsdp alone"]
+    assert list(by_name) == ["megatron tp1 cp4", "deepspeed tp1 cp4", "megatron tp1 cp4 dp_shard 8", "fsdp tp1 cp1",
+                             "fsdp alone"]
     for row in rows:
         memory, s = row["memory"], plan.Setup(**row["setup"])
         assert memory["total"] == sum(v for k, v in memory.items() if k not in ("total", "fits"))
@@ -179,7 +181,10 @@ def test_planner_memory_grows_with_frames_and_falls_with_cp():
     assert totals == sorted(totals) and len(set(totals)) == 3
     acts = [plan.memory(dataclasses.replace(base, cp=cp))["activations"] for cp in (1, 2, 4, 8)]
     assert acts == sorted(acts, reverse=True)
-    with pytest.raises(ValueError, match="fsdp"):
-        plan.Setup(engine="fsdp")  # the default CP=4
+    with pytest.raises(ValueError, match="engine: expected one of"):
+        plan.Setup(engine="fsdp")  # the FSDP baselines are our engine with dp_shard
+    with pytest.raises(ConfigError, match="run.dp_shard: 3 does not divide"):
+        plan.Setup(dp_shard=3)
     with pytest.raises(ValueError, match="adapter"):
         plan.Setup(finetune="full", reference="adapter")
+

@@ -76,7 +76,7 @@ def test_order_depends_on_seed_and_epoch_only():
 def test_iteration_advances_to_the_next_epoch_and_set_epoch_restarts_one():
     s = BucketBatchSampler(SHAPES, 2)
     first, second = list(s), list(s)
-    assert s.state_dict() == {"epoch": 2, "batches_seen": 0, "seed": 0}
+    assert s.state_dict() == {"epoch": 2, "batches_seen": 0, "seed": 0, "global_batch": 2}
     take(s, 2)
     s.set_epoch(1)
     assert list(s) == second != first

@@ -1,23 +1,26 @@
 """Memory and throughput planner for Reg-DPO training of the real Wan 2.1 presets on H100 / H200.
 
     python -m megatron_wan.bench.plan [--preset wan2.1-i2v-14b-720p] [--height 720 --width 1280]
-        [--frames 200] [--gpus 8] [--tp 1] [--cp 4] [--engine megatron|deepspeed|fsdp]
+        [--frames 200] [--gpus 8] [--tp 1] [--cp 4] [--engine megatron|deepspeed] [--dp-shard 1]
         [--finetune lora|full] [--reference adapter|copy|copy_offload] [--no-recompute]
         [--pair-mode batched|sequential|ranks] [--encoders pre|gpu] [--gpu h100|h200] [--mfu 0.4] [--json]
 
 The defaults are the paper's case (Appendix A.2, A.7) as megatron_wan.train runs it: Wan2.1-I2V-14B-720P,
 720x1280, pairs of 200-frame videos, 8 x H100 80GB, CP=4, LoRA r16, the frozen reference offloaded,
 activation checkpointing, one member of a pair at a time. Printed for that setup, for it on our other
-engine, and for two FSDP baselines (full sharding without CP; and "FSDP alone", without A.2's other
-techniques either): per-GPU memory, the longest video that fits, the capacity ratio over FSDP, and the
-step time at the given MFU. Setups megatron_wan.train would reject are rejected (its config validation).
+engine, for it with the parameters sharded over all GPUs (`--dp-shard -1`: FSDP2 with CP), and for two FSDP
+baselines, our engine fully sharded without CP (and "FSDP alone", without A.2's other techniques either):
+per-GPU memory, the longest video that fits, the capacity ratio over FSDP, and the step time at the given MFU.
+Setups megatron_wan.train would reject are rejected (its config validation).
 
 Per-GPU memory = weights + gradients + optimizer + reference + encoders + activations + buffers.
 Activations are the bytes autograd saves for backward, written out tensor by tensor for this model
 (`activation_bytes`; checked against SavedTensorMeter on tiny configs). The rest follows the engines:
-megatron (weights TP-split and whole on every DP x CP rank, torch AdamW unsharded), deepspeed (ZeRO-3
-with parameters and optimizer offloaded to CPU: two gathered blocks on the GPU), fsdp (a baseline we do
-not run: fp32 master weights, gradients and Adam sharded over all GPUs, two blocks gathered at a time).
+megatron (FSDP2 over the DP x CP ranks, `run.dp_shard`: fp32 master weights (LoRA: the bf16 base and fp32
+adapters), gradients and AdamW state divided over the shard group, `sharded_state_bytes`, checked against the
+exact per-rank bytes of the engine on CPU; plus the bf16 copies gathered for compute: two blocks and the root's
+embeddings and head; several backward passes per step keep unsharded fp32 gradients until the one reduction),
+deepspeed (ZeRO-3 with parameters and optimizer offloaded to CPU: two gathered blocks on the GPU).
 `buffers` (a runtime reserve, and the gradients alive while a block runs backward) is an assumption,
 not measured here.
 """
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 from megatron_wan.bench.flops import CLIP_TOKENS, step_flops, video_tokens
 from megatron_wan.bench.meters import DEVICE_PEAKS
 from megatron_wan.config import Config, LoraConfig, ModelConfig, ObjectiveConfig, RunConfig, validate
+from megatron_wan.model.convert import param_table
 from megatron_wan.model.wan_config import WanConfig, preset
 
 GIB = 2**30
@@ -56,7 +60,7 @@ UMT5_XXL_ENCODER_PARAMS = 256384 * 4096 + 24 * (4 * 4096 * 4096 + 3 * 4096 * 102
 CLIP_VISUAL_PARAMS = 632_000_000  # ViT-H/14 image tower (I2V only)
 VAE_PARAMS = 127_000_000  # Wan 2.1 VAE
 
-ENGINES = ("megatron", "deepspeed", "fsdp")
+ENGINES = ("megatron", "deepspeed")
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's default reduce_bucket_size (not set by our config)
 
 
@@ -131,6 +135,22 @@ def activation_bytes(cfg: WanConfig, grid, text_len: int, samples: int = 1, tp: 
     return out
 
 
+def sharded_state_bytes(cfg: WanConfig, finetune: str, lora_rank: int, shard: int, tp: int = 1,
+                        base_bytes: int = BF16) -> dict:
+    """Bytes per rank of the master weights, gradients and AdamW state (two moments and one fp32 step counter
+    per parameter) when FSDP2 shards them over `shard` ranks; a LoRA base is frozen in `base_bytes`."""
+    count = parameter_count(cfg, 0 if finetune == "full" else lora_rank)
+    local = count["total"] - cfg.num_layers * count["block_split"] * (1 - 1 / tp)
+    if finetune == "full":
+        trained, tensors = local, len(param_table(cfg))
+        weights = local * FP32
+    else:
+        trained, tensors = count["lora"] / tp, 2 * 10 * cfg.num_layers  # A and B of 10 linears per block
+        weights = local * base_bytes + trained * FP32
+    return {"weights": weights / shard, "grads": trained * FP32 / shard,
+            "optimizer": trained * 2 * FP32 / shard + tensors * FP32}
+
+
 @dataclass(frozen=True)
 class Setup:
     """One training configuration; the defaults are the paper's case (Appendix A.2, A.7) as our trainer runs
@@ -144,7 +164,8 @@ class Setup:
     gpus: int = 8
     tp: int = 1
     cp: int = 4
-    engine: str = "megatron"  # "megatron", "deepspeed" (megatron_wan.engines) or "fsdp" (a baseline we do not run)
+    engine: str = "megatron"  # "megatron", "deepspeed" (megatron_wan.engines)
+    dp_shard: int = 1  # megatron: run.dp_shard (1 replicate, -1 all DP x CP ranks, a divisor: hybrid)
     finetune: str = "lora"
     lora_rank: int = 16
     reference: str = "copy_offload"
@@ -162,7 +183,6 @@ class Setup:
             (self.engine in ENGINES, f"engine: expected one of {ENGINES}"),
             (self.encoders in ("pre", "gpu"), "encoders: expected pre or gpu"),
             (self.gpu in GPUS, f"gpu: expected one of {list(GPUS)}"),
-            (self.engine != "fsdp" or self.tp == self.cp == 1, "fsdp: the baseline has no tensor or context parallel"),
             (self.height % 16 == 0 and self.width % 16 == 0, "height, width: must be multiples of 16"),
             (self.frames >= 1, "frames: must be at least 1"),
         ]
@@ -175,11 +195,11 @@ class Setup:
         return preset(self.preset)
 
     def trainer_config(self) -> Config:
-        """The run config of megatron_wan.train for this setup (fsdp: checked as megatron)."""
+        """The run config of megatron_wan.train for this setup."""
         return Config(
             run=RunConfig(task=self.config().model_type, finetune=self.finetune, tensor_parallel=self.tp,
-                          context_parallel=self.cp, batch_size=self.pairs,
-                          engine="megatron" if self.engine == "fsdp" else self.engine),
+                          context_parallel=self.cp, batch_size=self.pairs, engine=self.engine,
+                          dp_shard=self.dp_shard),
             model=ModelConfig(preset=self.preset, recompute=self.recompute),
             objective=ObjectiveConfig(pair_mode=self.pair_mode, reference=self.reference),
             lora=LoraConfig(rank=self.lora_rank) if self.finetune == "lora" else None,
@@ -196,6 +216,10 @@ class Setup:
         pt = self.config().patch_size[0]
         return math.ceil(f // pt / self.cp) * pt, h, w
 
+    def shard(self) -> int:
+        """The FSDP2 shard-group size (megatron engine): dp_shard, -1 meaning every DP x CP rank."""
+        return self.gpus // self.tp if self.dp_shard == -1 else self.dp_shard
+
     def samples_per_gpu(self) -> int:
         """Samples whose activations one GPU holds: both members (batched), one (sequential), one side (ranks)."""
         return {"batched": 2 * self.pairs, "sequential": 1, "ranks": self.pairs}[self.pair_mode]
@@ -205,31 +229,33 @@ def memory(setup: Setup) -> dict:
     """Per-GPU bytes by part, their "total", and "fits" (total within the GPU's memory).
 
     megatron and deepspeed as megatron_wan.train builds them: LoRA freezes a bf16 base and trains fp32
-    adapters under bf16 autocast; full fine-tuning keeps fp32 weights, whose fp32 biases make most
-    activations fp32 under autocast (counted as all fp32: an upper bound). The reference copy is a
-    deep copy of the policy taken before the engine wraps it.
+    adapters; full fine-tuning keeps fp32 master weights; both compute from bf16 copies (FSDP2's
+    MixedPrecisionPolicy, ZeRO-3's bf16), so activations are bf16 but for the fp32 norms. The reference
+    copy is sharded like the policy (megatron) or resident (deepspeed).
     """
     cfg = setup.config()
     full = setup.finetune == "full"
     count = parameter_count(cfg, 0 if full else setup.lora_rank)
-    tp, n = setup.tp, setup.gpus
+    tp = setup.tp
     local = count["total"] - cfg.num_layers * count["block_split"] * (1 - 1 / tp)  # this TP rank's share
     block = count["block"] - count["block_split"] * (1 - 1 / tp)
     lora = count["lora"] / tp
     trained, base_bytes = (local, FP32) if full else (lora, BF16)
     gathered = 2 * block * BF16  # ZeRO-3 / FSDP: the block being computed and the one prefetched
-    reference_copy = local * base_bytes + lora * FP32
-    if setup.engine == "megatron":  # torch AdamW on every rank, gradients all-reduced
-        weights = local * base_bytes + lora * (FP32 + BF16)  # adapters and their autocast copies
-        grads, optimizer = trained * FP32, trained * 2 * FP32
-    elif setup.engine == "deepspeed":  # ZeRO-3 in bf16, parameters and optimizer offloaded to CPU
+    if setup.engine == "megatron":  # FSDP2 over the DP x CP ranks: master state sharded, bf16 compute copies
+        shard = setup.shard()
+        state = sharded_state_bytes(cfg, setup.finetune, setup.lora_rank, shard, tp, base_bytes)
+        weights = state["weights"] + gathered + count["other"] * BF16  # the root stays gathered
+        optimizer, reference_copy = state["optimizer"], state["weights"]  # the copy sharded the same way
+        if setup.pair_mode == "sequential":  # two backward passes, one reduction: unsharded fp32 until then
+            grads = trained * FP32
+        else:  # reduce-scattered block by block: the sharded gradients and one block's unsharded ones
+            grads = state["grads"] + (block * FP32 if full and shard > 1 else 0)
+    else:  # deepspeed: ZeRO-3 in bf16, parameters and optimizer offloaded to CPU
         weights, grads, optimizer = gathered, min(trained, DEEPSPEED_REDUCE_BUCKET) * BF16, 0
-    else:  # fsdp: fp32 master weights (LoRA: bf16 base), gradients and Adam sharded over all GPUs
-        weights = gathered + (local * FP32 if full else local * BF16 + lora * FP32) / n
-        grads = trained * FP32 / n + (block * BF16 if full else 0)
-        optimizer, reference_copy = trained * 2 * FP32 / n, local * BF16 / n
+        reference_copy = local * base_bytes + lora * FP32
     reference = {"adapter": 0, "copy": reference_copy, "copy_offload": block * base_bytes}[setup.reference]
-    act_bytes = FP32 if full and setup.engine == "megatron" else BF16
+    act_bytes = BF16  # FSDP2 computes with bf16 copies of every parameter (biases too), ZeRO-3 in bf16
     acts = activation_bytes(cfg, setup.local_grid(), setup.text_len, setup.samples_per_gpu(), tp, setup.cp,
                             act_bytes, setup.recompute, 0 if full else setup.lora_rank)
     s = video_tokens(cfg, setup.local_grid()) * setup.samples_per_gpu()
@@ -269,23 +295,30 @@ def step_time(setup: Setup) -> dict:
 
 
 def plan(setup: Setup) -> list[dict]:
-    """Rows for `setup`, for it on our other engine (when its TP allows; deepspeed runs pairs batched),
-    and for two FSDP baselines: "fsdp" (the same but fully sharded, no CP) and "fsdp alone" (A.2's
-    starting point: also both members of a pair on one GPU, the reference copy resident, the encoders
-    on the GPU).
+    """Rows for `setup`, for it on our other engine (when its TP allows; deepspeed runs pairs batched), for it
+    fully sharded (dp_shard -1, when it replicates), and for two FSDP baselines on our engine: "fsdp" (the same
+    but fully sharded, no CP) and "fsdp alone" (A.2's starting point: also both members of a pair on one GPU,
+    the reference copy resident, the encoders on the GPU).
 
     Each row: name, setup, memory, longest_frames, capacity_vs_fsdp (longest over the fsdp row's),
     step_flops, step_s, pairs_per_step. capacity_vs_fsdp is None when no frame fits under fsdp.
     """
     setups = [setup]
     if setup.engine == "megatron" and setup.tp == 1:
-        setups.append(dataclasses.replace(setup, engine="deepspeed", pair_mode="batched"))
+        setups.append(dataclasses.replace(setup, engine="deepspeed", pair_mode="batched", dp_shard=1))
     elif setup.engine == "deepspeed":
         setups.append(dataclasses.replace(setup, engine="megatron"))
-    fsdp = dataclasses.replace(setup, engine="fsdp", tp=1, cp=1)
-    setups += [fsdp] if setup != fsdp else []
+    if setup.dp_shard == 1:
+        setups.append(dataclasses.replace(setup, engine="megatron", dp_shard=-1))
+    fsdp = dataclasses.replace(setup, engine="megatron", dp_shard=-1, tp=1, cp=1)
     alone = dataclasses.replace(fsdp, pair_mode="batched", reference="copy", encoders="gpu")
-    names = [f"{s.engine} tp{s.tp} cp{s.cp}" for s in setups] + ["fsdp alone"]
+
+    def name(s):
+        shard = f" dp_shard {s.shard()}" if s.engine == "megatron" and s.shard() > 1 else ""
+        return f"{s.engine} tp{s.tp} cp{s.cp}{shard}"
+
+    names = [name(s) for s in setups] + ["fsdp tp1 cp1", "fsdp alone"]
+    setups.append(fsdp)
     rows = [{"name": name, "setup": dataclasses.asdict(s), "memory": memory(s), "longest_frames": longest_video(s),
              **step_time(s)} for name, s in zip(names, setups + [alone])]
     baseline = next(r for r in rows if r["setup"] == dataclasses.asdict(fsdp))["longest_frames"]
@@ -301,12 +334,12 @@ def _table(rows: list[dict], setup: Setup) -> str:
     lines = [f"{setup.preset}, {setup.height}x{setup.width}, pairs of {setup.frames}-frame videos "
              f"(latent grid {setup.latent_grid()}), {setup.gpus} x {gpu.name} ({gpu.memory / GIB:.1f} GiB), "
              f"{setup.finetune}, recompute {setup.recompute}, MFU {setup.mfu}",
-             f"{'':<20}{'pair mode':>11}{'reference':>13}" + "".join(f"{label:>8}" for label in parts.values())
+             f"{'':<28}{'pair mode':>11}{'reference':>13}" + "".join(f"{label:>8}" for label in parts.values())
              + f"{'fits':>6}{'longest':>9}{'x fsdp':>8}{'s/step':>8}{'pairs/step':>11}"]
     for row in rows:
         s, m = row["setup"], row["memory"]
         ratio = "-" if row["capacity_vs_fsdp"] is None else f"{row['capacity_vs_fsdp']:.2f}"
-        lines.append(f"{row['name']:<20}{s['pair_mode']:>11}{s['reference']:>13}"
+        lines.append(f"{row['name']:<28}{s['pair_mode']:>11}{s['reference']:>13}"
                      + "".join(f"{m[p] / GIB:>8.1f}" for p in parts)
                      + f"{'yes' if m['fits'] else 'no':>6}{row['longest_frames']:>9}{ratio:>8}"
                      + f"{row['step_s']:>8.1f}{row['pairs_per_step']:>11}")

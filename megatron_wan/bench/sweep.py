@@ -3,8 +3,9 @@
     python -m megatron_wan.bench sweep [--out outputs/bench/sweep] [--grid 8 32 32] [--steps 5] [--quick]
 
 Rows: the engine (megatron vs DeepSpeed ZeRO-3 with parameters and optimizer offloaded), pair_mode (batched,
-sequential, ranks), context parallel size (1, 2, 4), activation checkpointing (off, on) and the reference (adapter,
-copy, copy_offload). The baseline is megatron, batched, CP=1, no checkpointing, adapter.
+sequential, ranks), context parallel size (1, 2, 4), activation checkpointing (off, on), the reference (adapter,
+copy, copy_offload) and FSDP2 sharding (run.dp_shard 2, LoRA and full fine-tune). The baseline is megatron,
+batched, CP=1, no checkpointing, adapter, replicated (dp_shard 1).
 
 Each row is the training stack itself (Trainer: PairDataset, engine, objective) with the `tiny` preset, LoRA, fp32,
 one pair per data-parallel rank, on local processes (launch.local.run_local; gloo on CPU, where the processes share
@@ -16,7 +17,8 @@ Rows with the same process layout run in the same processes, their steps interle
 so that a drift of the machine hits them alike. Per row: the median step time of the timed steps and, from it,
 pairs/s, video tokens/s, model TFLOP/s and MFU (the Trainer's: FLOPs from bench.flops, against a matmul timed in
 each process on CPU); memory is the peak of one further step on the largest rank: on CPU the bytes saved for
-backward (exact, SavedTensorMeter, parameters excluded), on CUDA the peak allocated bytes. Ratios are against the
+backward (exact, SavedTensorMeter, parameters excluded), on CUDA the peak allocated bytes; state is the exact
+bytes of weights, gradients and optimizer state the Megatron engine holds on the largest rank. Ratios are against the
 baseline. Writes OUT/sweep.md (the table), OUT/sweep.png (the chart) and OUT/sweep.json.
 """
 
@@ -36,10 +38,14 @@ from launch.local import run_local
 from megatron_wan.bench.meters import SavedTensorMeter
 from megatron_wan.data.shards import ShardWriter
 from megatron_wan.model import preset
+from megatron_wan.parallel.parallelize import compute_parameters
 
 PRESET = "tiny"
 LATENT_CHANNELS = 16
 TEXT_TOKENS = 24  # stored per sample; PairDataset zero-pads them to data.text_len
+
+
+FULL = ("run.finetune=full", "lora=null", "objective.reference=copy")
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,9 @@ ROWS = (
     Row("recompute", "activation checkpointing per block", ("model.recompute=true",)),
     Row("ref-copy", "reference: frozen copy", ("objective.reference=copy",)),
     Row("ref-offload", "reference: copy offloaded, streamed per block", ("objective.reference=copy_offload",)),
+    Row("dp-shard-2", "FSDP2 dp_shard 2: LoRA base, adapters, gradients, AdamW sharded", ("run.dp_shard=2",)),
+    Row("full", "full fine-tune (reference: frozen copy), replicated", FULL),
+    Row("full-dp-shard-2", "full fine-tune, FSDP2 dp_shard 2 (policy and copy sharded)", (*FULL, "run.dp_shard=2")),
 )
 
 
@@ -70,22 +79,28 @@ class Result:
     step_s: float
     metrics: dict  # the Trainer's metrics of the median step, throughput recomputed at the median time
     memory: int  # bytes, the largest rank
+    state: int | None  # bytes of weights + gradients + optimizer state, the largest rank (megatron engine)
 
 
-def write_dataset(out: Path, grid, pairs: int = 8, seed: int = 0) -> Path:
-    """A T2V encoded dataset of `pairs` pairs of random latents [16, *grid] in `data_tools encode`'s layout."""
+def write_dataset(out: Path, grid, pairs: int = 8, seed: int = 0, task: str = "t2v") -> Path:
+    """An encoded dataset of `pairs` pairs of random latents [16, *grid] in `data_tools encode`'s layout (I2V: with
+    the winner's CLIP tokens and conditioning latent, for the `tiny-i2v` preset)."""
     out.mkdir(parents=True, exist_ok=True)
-    text_dim = preset(PRESET).text_dim
+    cfg = preset(PRESET if task == "t2v" else "tiny-i2v")
     g = torch.Generator().manual_seed(seed)
     with ShardWriter(out / "shard-00000", metadata={"synthetic": True}) as w:
         for i in range(pairs):
             for side in ("win", "lose"):
-                w.add(f"{side}{i}", {"latent": torch.randn(LATENT_CHANNELS, *grid, generator=g),
-                                     "text_emb": torch.randn(TEXT_TOKENS, text_dim, generator=g)})
+                sample = {"latent": torch.randn(LATENT_CHANNELS, *grid, generator=g),
+                          "text_emb": torch.randn(TEXT_TOKENS, cfg.text_dim, generator=g)}
+                if task == "i2v" and side == "win":
+                    sample["clip_emb"] = torch.randn(257, cfg.image_dim, generator=g)
+                    sample["cond_latent"] = torch.randn(cfg.in_dim - cfg.out_dim, *grid, generator=g)
+                w.add(f"{side}{i}", sample)
     records = [{"id": f"pair{i}", "winner": {"id": f"win{i}"}, "loser": {"id": f"lose{i}"}, "split": "train"}
                for i in range(pairs)]
     (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    manifest = {"format": "megatron_wan-shards", "version": 1, "encoder": {"task": "t2v", "synthetic": True},
+    manifest = {"format": "megatron_wan-shards", "version": 1, "encoder": {"task": task, "synthetic": True},
                 "samples": 2 * pairs, "pairs": pairs, "shards": [{"prefix": "shard-00000", "samples": 2 * pairs}]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return out
@@ -115,7 +130,7 @@ def _memory_of_step(trainer) -> int:
         torch.cuda.reset_peak_memory_stats()
         _step(trainer)
         return torch.cuda.max_memory_allocated()
-    with SavedTensorMeter(exclude=list(trainer.engine.module.parameters())) as meter:
+    with SavedTensorMeter(exclude=compute_parameters(trainer.engine.module)) as meter:
         _step(trainer)
     return meter.peak
 
@@ -134,11 +149,23 @@ def _measure(rows: list[Row], data: Path, runs: Path, text_len: int, warmup: int
         for trainer in trainers.values():
             _step(trainer)
     memory = {name: _memory_of_step(trainer) for name, trainer in trainers.items()}
+    state = {name: _state_bytes(trainer.engine) for name, trainer in trainers.items()}
     timed = {name: [] for name in trainers}
     for _ in range(steps):
         for name, trainer in trainers.items():
             timed[name].append(_step(trainer))
-    return {name: {"memory": memory[name], "steps": timed[name]} for name in trainers}
+    return {name: {"memory": memory[name], "state": state[name], "steps": timed[name]} for name in trainers}
+
+
+def _state_bytes(engine) -> int | None:
+    """This rank's exact bytes of weights, gradients and AdamW state on the Megatron engine (gradients, freed at
+    each step's end, counted as the trainable shards they reduce into); None for DeepSpeed (offloaded)."""
+    from megatron_wan.bench.fsdp_memory import state_bytes
+    from megatron_wan.parallel.parallelize import local_bytes
+
+    if not hasattr(engine, "params"):
+        return None
+    return state_bytes(engine, gradients=False)["total"] + local_bytes(engine.params)
 
 
 def _median_step(steps: list[dict]) -> tuple[float, dict]:
@@ -169,14 +196,15 @@ def run(rows, data: Path, runs: Path, text_len: int, warmup: int, steps: int) ->
         for row in group:
             seconds, metrics = _median_step(per_rank[0][row.name]["steps"])
             memory = max(rank[row.name]["memory"] for rank in per_rank)
-            found[row.name] = Result(row, seconds, metrics, memory)
+            states = [rank[row.name]["state"] for rank in per_rank]
+            found[row.name] = Result(row, seconds, metrics, memory, None if None in states else max(states))
         print(f"sweep: {', '.join(r.name for r in group)} on {world} processes (CP={cp}): "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
     return [found[row.name] for row in rows]
 
 
 COLUMNS = ("setup", "ranks", "s/step", "pairs/s", "tokens/s", "TFLOP/s", "MFU", "memory MiB/rank",
-           "x step time", "x pairs/s", "x memory")
+           "state MiB/rank", "x step time", "x pairs/s", "x memory", "x state")
 
 
 def table(results: list[Result], memory_kind: str) -> str:
@@ -186,12 +214,15 @@ def table(results: list[Result], memory_kind: str) -> str:
         m = r.metrics
         cells = [r.row.name, f"{r.row.world} (CP={r.row.cp})", f"{r.step_s:.3f}", f"{m['samples_per_s']:.2f}",
                  f"{m['tokens_per_s']:.0f}", f"{m['tflops']:.4f}", f"{m['mfu']:.3f}", f"{r.memory / 2**20:.1f}",
+                 "-" if r.state is None else f"{r.state / 2**20:.2f}",
                  f"{r.step_s / base.step_s:.2f}", f"{m['samples_per_s'] / base.metrics['samples_per_s']:.2f}",
-                 f"{r.memory / base.memory:.2f}"]
+                 f"{r.memory / base.memory:.2f}", "-" if r.state is None else f"{r.state / base.state:.2f}"]
         lines.append("| " + " | ".join(cells) + f" | {r.row.setting} |")
     lines.append("")
-    lines.append(f"memory: {memory_kind}, the largest rank; MFU against the device's peak (CPU: a matmul timed in "
-                 "each process); x: ratio to the baseline row, measured in the same run (the rows of one process "
+    lines.append(f"memory: {memory_kind}, the largest rank; state: exact bytes of the policy's weights (trainable "
+                 "and frozen), gradients and AdamW state on the largest rank; MFU against the "
+                 "device's peak (CPU: a matmul timed in each process); x: ratio to the baseline row, measured in "
+                 "the same run (the rows of one process "
                  "layout with their steps interleaved, cp2 and cp4 in their own processes after them)")
     return "\n".join(lines)
 
@@ -256,7 +287,8 @@ def main(argv=None) -> list[dict]:
     (out / "sweep.md").write_text(text)
     chart(results, out / "sweep.png", title, memory_kind)
     rows_out = [{"name": r.row.name, "setting": r.row.setting, "world": r.row.world, "cp": r.row.cp,
-                 "step_s": r.step_s, "memory_bytes": r.memory, "metrics": r.metrics} for r in results]
+                 "step_s": r.step_s, "memory_bytes": r.memory, "state_bytes": r.state, "metrics": r.metrics}
+                for r in results]
     (out / "sweep.json").write_text(json.dumps({"title": title, "memory": memory_kind, "rows": rows_out}, indent=1))
     print(text)
     print(f"sweep: {time.perf_counter() - started:.0f} s -> {out / 'sweep.md'}, {out / 'sweep.png'}")

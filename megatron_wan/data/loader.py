@@ -38,6 +38,12 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
+def micro_batches(batch: dict, size: int) -> list[dict]:
+    """A collated batch cut into consecutive micro-batches of `size` items (gradient accumulation)."""
+    return [{name: value[i:i + size] if isinstance(value, (list, torch.Tensor)) else value
+             for name, value in batch.items()} for i in range(0, len(batch["index"]), size)]
+
+
 def to_pair_batch(batch: dict, device, with_loser: bool = True, non_blocking: bool = False) -> PairBatch:
     """A collated batch on `device` in float32 (the loser left out when not `with_loser`, as SFT needs)."""
     def move(name):

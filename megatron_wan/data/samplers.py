@@ -85,13 +85,20 @@ class BucketBatchSampler:
             self.epoch, self.batches_seen = epoch, 0
 
     def state_dict(self) -> dict:
-        """Position to resume from: {"epoch", "batches_seen", "seed"} (JSON-serializable)."""
-        return {"epoch": self.epoch, "batches_seen": self.batches_seen, "seed": self.seed}
+        """Position to resume from: {"epoch", "batches_seen", "seed", "global_batch"} (JSON-serializable). It
+        counts global batches, so any data-parallel layout with the same global batch resumes from it."""
+        return {"epoch": self.epoch, "batches_seen": self.batches_seen, "seed": self.seed,
+                "global_batch": self.batch_size * self.dp_size}
 
     def load_state_dict(self, state: dict):
-        """Resume at a saved position; the seed must match this sampler's."""
+        """Resume at a saved position, on any dp_size; the seed and the global batch must match this sampler's."""
         if state["seed"] != self.seed:
             raise ValueError(f"sampler state has seed {state['seed']}, this sampler was built with seed {self.seed}")
+        global_batch = self.batch_size * self.dp_size
+        if state.get("global_batch", global_batch) != global_batch:
+            raise ValueError(f"sampler state has a global batch of {state['global_batch']} samples, this sampler "
+                             f"{global_batch} (batch_size {self.batch_size} x dp_size {self.dp_size}): keep "
+                             f"run.global_batch_size to resume on another data-parallel size")
         if not 0 <= state["batches_seen"] <= len(self):
             raise ValueError(f"sampler state batches_seen={state['batches_seen']} outside [0, {len(self)}] "
                              "(dataset, batch_size or dp_size changed?)")

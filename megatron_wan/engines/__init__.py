@@ -2,6 +2,7 @@
 
 An engine owns the optimizer and the gradient reduction. Its contract:
 - `engine.model` is what forwards go through; `engine.module` the bare WanModel.
+- `engine.begin_step(n)`: the next step runs n backward passes (micro-batches x the pair mode's passes).
 - `engine.backward(loss)` back-propagates this rank's loss. Under context parallelism each rank holds a share
   of a whole-video loss, so the loss is multiplied by CP and gradients averaged over DP x CP ranks: the
   result is the sum of the CP shares, averaged over data-parallel ranks.
@@ -19,12 +20,13 @@ def make_optimizer(cfg, params):
     return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
-def build_engine(cfg, model):
-    """The engine named by `cfg.run.engine` around `model`."""
+def build_engine(cfg, model, reference=None):
+    """The engine named by `cfg.run.engine` around `model`; `reference`, a frozen copy of it (reference `copy`),
+    is sharded the same way by the Megatron engine."""
     if cfg.run.engine == "deepspeed":
         from megatron_wan.engines.deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(cfg, model)
     from megatron_wan.engines.megatron import MegatronEngine
 
-    return MegatronEngine(cfg, model)
+    return MegatronEngine(cfg, model, reference)

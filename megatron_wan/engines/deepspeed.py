@@ -55,6 +55,9 @@ class DeepSpeedEngine:
         self.module = self.model.module
         self.cp = ps.get_context_parallel_world_size()
 
+    def begin_step(self, backwards: int) -> None:
+        """One backward per step (the config allows no more: batched pairs, no accumulation)."""
+
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss * self.cp)
 

@@ -1,89 +1,128 @@
-"""The Megatron-Core engine: TP and CP inside the model (megatron-core parallel state), data parallelism by one
-bucketed all-reduce of the gradients over the DP x CP group after the step's backward passes.
+"""The Megatron-Core engine: TP and CP inside the model (megatron-core parallel state), data parallelism by PyTorch
+FSDP2 over the DP x CP ranks (megatron_wan.parallel.parallelize; `run.dp_shard` 1 replicates, -1 shards fully,
+a divisor in between is hybrid), fp32 master weights, optimizer state and gradient reduction.
 
-The reduction is explicit rather than a DDP wrapper because a pair step may run several backward passes
-(`pair_mode: sequential` runs two per pair); DDP would reduce after each. The global gradient norm counts
-TP-split parameters once per shard (summed over TP) and replicated ones once.
+A step may run several backward passes (`pair_mode: sequential`, gradient accumulation): the trainer announces
+how many with `begin_step(n)`; FSDP2 reduces (reduce-scatter / all-reduce) only in the last one
+(`set_requires_gradient_sync`). The global gradient norm is torch's over the DTensor gradients, TP-split
+parameters summed over the TP group. Checkpoints go through torch.distributed.checkpoint (DCP), sharded per rank:
+a run resumes on another data-parallel size, the weights and the optimizer state resharded.
 """
 
 import math
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from megatron.core import parallel_state as ps
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from megatron_wan.engines import make_optimizer
+from megatron_wan.parallel.parallelize import data_parallel_mesh, parallelize
+
+ENGINE_DIR = "engine"  # the DCP checkpoint inside a step folder
+_OPTIONS = StateDictOptions(ignore_frozen_params=True)
 
 
-def engine_file(tp_rank: int) -> str:
-    """The checkpoint file of one TP rank's trainable weights and optimizer state."""
-    return f"engine-tp{tp_rank:02d}.pt"
+def tp_key(tp_rank: int) -> str:
+    """The top-level key of one TP rank's weights and optimizer state in the DCP checkpoint: TP-split weights
+    differ between TP ranks under the same name, so each TP rank has its own name space (DP and CP ranks share
+    it and DCP reshards over them)."""
+    return f"tp{tp_rank:02d}"
+
+
+def _full_norm(grads) -> torch.Tensor:
+    """The 2-norm of `grads` (DTensors or tensors) over all their shards, as a plain fp32 tensor."""
+    if not grads:
+        return torch.zeros(())
+    norm = get_total_norm(grads, foreach=None)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
 
 
 class MegatronEngine:
-    def __init__(self, cfg, model: torch.nn.Module):
-        self.model = self.module = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
+    def __init__(self, cfg, model: torch.nn.Module, reference: torch.nn.Module | None = None):
+        run = cfg.run
+        # TP-split parameters (megatron's attribute does not survive FSDP's DTensor parameters): by name
+        split = {n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
+        self.mesh = data_parallel_mesh(run.dp_shard)
+        self.model = self.module = parallelize(model, self.mesh, dtype=run.dtype,
+                                               reshard_after_forward=run.reshard_after_forward)
+        if reference is not None:  # a frozen copy: sharded the same way, never reduced
+            parallelize(reference, self.mesh, dtype=run.dtype, reshard_after_forward=run.reshard_after_forward)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("no trainable parameters (finetune: lora with no matching targets?)")
+        self.params = [p for _, p in named]
+        self.split = [p for n, p in named if n in split]
+        self.whole = [p for n, p in named if n not in split]
         self.optimizer = make_optimizer(cfg, self.params)
         self.grad_clip = cfg.optim.grad_clip
         self.cp = ps.get_context_parallel_world_size()
-        self.group = ps.get_data_parallel_group(with_context_parallel=True)
         self.tp_group = ps.get_tensor_model_parallel_group()
+        self.backwards_left = 1
+
+    def begin_step(self, backwards: int) -> None:
+        """The next optimizer step takes `backwards` backward passes; gradients reduce in the last one."""
+        self.backwards_left = backwards
 
     def backward(self, loss: torch.Tensor) -> None:
+        self.backwards_left -= 1
+        last = self.backwards_left <= 0
+        self.model.set_requires_gradient_sync(last)
+        self.model.set_is_last_backward(last)
         (loss * self.cp).backward()
 
-    def _reduce(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = _flatten_dense_tensors(grads)
-        size = dist.get_world_size(self.group)
-        if size > 1:
-            dist.all_reduce(flat, group=self.group)
-            flat /= size
-        for p, g in zip(self.params, _unflatten_dense_tensors(flat, grads)):
-            p.grad = g
-
-    def _grad_norm(self) -> float:
-        split = sum((p.grad.float() ** 2).sum() for p in self.params if getattr(p, "tensor_model_parallel", False))
-        whole = sum((p.grad.float() ** 2).sum() for p in self.params if not getattr(p, "tensor_model_parallel", False))
-        split = torch.as_tensor(split, dtype=torch.float32, device=self.params[0].device)
+    def grad_norm(self) -> torch.Tensor:
+        """The global gradient 2-norm: over the FSDP shards (DTensor), TP-split parameters summed over TP."""
+        split, whole = _full_norm([p.grad for p in self.split if p.grad is not None]), _full_norm(
+            [p.grad for p in self.whole if p.grad is not None])
+        split = split.to(whole.device) ** 2
         if dist.get_world_size(self.tp_group) > 1:
             dist.all_reduce(split, group=self.tp_group)
-        return math.sqrt((split + whole).item())
+        return (split + whole ** 2).sqrt()
 
     def step(self, lr: float) -> tuple[float, bool]:
-        self._reduce()
-        norm = self._grad_norm()
-        stepped = math.isfinite(norm)
+        self.backwards_left = 1
+        norm = self.grad_norm()
+        stepped = math.isfinite(norm.item())
         if stepped:
-            if self.grad_clip > 0 and norm > self.grad_clip:
-                for p in self.params:
-                    p.grad.mul_(self.grad_clip / (norm + 1e-6))
+            if self.grad_clip > 0:
+                clip_grads_with_norm_(self.params, self.grad_clip, norm)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm, stepped
+        return norm.item(), stepped
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        return {tp_key(ps.get_tensor_model_parallel_rank()): {
+            "model": get_model_state_dict(self.model, options=_OPTIONS),
+            "optim": get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIONS)}}
 
     def save(self, directory) -> None:
-        """Trainable weights (LoRA: the adapters only) and optimizer state, one file per TP rank (the DP and CP
-        replicas hold the same)."""
-        if ps.get_data_parallel_rank(with_context_parallel=True) == 0:
-            trainable = {id(p) for p in self.params}
-            weights = {k: v.detach() for k, v in self.module.named_parameters() if id(v) in trainable}
-            state = {"weights": weights, "optimizer": self.optimizer.state_dict()}
-            torch.save(state, f"{directory}/{engine_file(ps.get_tensor_model_parallel_rank())}")
+        """Trainable weights (LoRA: the adapters only) and optimizer state through DCP into DIRECTORY/engine:
+        every rank writes its shards (every rank must call this)."""
+        dcp.save(self._state(), checkpoint_id=f"{directory}/{ENGINE_DIR}")
 
     def load(self, directory) -> None:
-        path = f"{directory}/{engine_file(ps.get_tensor_model_parallel_rank())}"
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        params = dict(self.module.named_parameters())
-        with torch.no_grad():
-            for name, value in state["weights"].items():
-                if name not in params or params[name].shape != value.shape:
-                    raise ValueError(f"{path}: weight {name} does not fit this model")
-                params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore from DIRECTORY/engine, resharded onto this run's data-parallel layout."""
+        path = f"{directory}/{ENGINE_DIR}"
+        state = self._state()
+        try:
+            dcp.load(state, checkpoint_id=path)
+        except Exception as e:  # DCP names missing keys; say which layout cannot be read
+            raise ValueError(f"{path}: does not fit this model and tensor-parallel layout "
+                             f"(TP={dist.get_world_size(self.tp_group)}): {e}") from e
+        (mine,) = state.values()
+        set_model_state_dict(self.model, mine["model"], options=StateDictOptions(ignore_frozen_params=True,
+                                                                                  strict=False))
+        set_optimizer_state_dict(self.model, self.optimizer, mine["optim"], options=_OPTIONS)

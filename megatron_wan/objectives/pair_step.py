@@ -63,6 +63,10 @@ class PairObjective:
         if self.pair_mode not in PAIR_MODES:
             raise ValueError(f"pair_mode: expected one of {PAIR_MODES}, found {self.pair_mode!r}")
 
+    def backward_passes(self, pairs: int) -> int:
+        """How many times `step` calls `backward` for a batch of `pairs` pairs (sequential: two per pair)."""
+        return 2 * pairs if self.pair_mode == "sequential" and self.mode != "sft" else 1
+
     def _errors(self, net, latents, conditions: Conditions, sigma, eps):
         """Per-sample errors of `net` on `latents` noised with (sigma, eps), all aligned on the batch axis."""
         x_t, target = self.flow.noised(latents, sigma, eps)
