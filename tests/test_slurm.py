@@ -21,7 +21,7 @@ from data_tools.stage import read_jsonl
 REPO = Path(__file__).parent.parent
 RECIPE = str(REPO / "configs" / "tiny-t2v-regdpo.yaml")
 CPU_JOB = ["--gpus-per-node", "0", "--cpus-per-task", "1", "--venv", sys.prefix]  # two jobs at once on 2 CPUs
-TRAINING_S = 90  # job A's steps: this long at the step time seen in job B (USR1 comes <= 30 s after it is due)
+TRAINING_S = 60  # job A's steps: this long at the step time seen in job B (USR1 comes <= 30 s after it is due)
 
 
 @pytest.fixture(scope="module")
