@@ -2,6 +2,7 @@
 in the foreground under a temporary directory, on free ports, and stopped by their PIDs."""
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -33,7 +34,9 @@ def slurm_conf(d: Path, node: str, cpus: int) -> str:
     """slurm.conf of one node with `cpus` CPUs, state and logs under `d`.
 
     A requeued job may start again after the credential lifetime (AuthInfo cred_expire, default 120 s; 10 here);
-    the scheduler passes every 2 s and time limits are checked every 30 s (slurmctld's fixed period)."""
+    the scheduler passes every 2 s and time limits are checked every 30 s (slurmctld's fixed period). Job ids start
+    at a random number: train.sbatch derives the rendezvous port from the job id, so two such clusters on one
+    machine do not meet on one port."""
     return "\n".join([
         "ClusterName=mwtest", f"SlurmctldHost={node}(127.0.0.1)", f"SlurmctldPort={_free_port()}",
         f"SlurmdPort={_free_port()}", "SlurmUser=root", "SlurmdUser=root",
@@ -44,7 +47,7 @@ def slurm_conf(d: Path, node: str, cpus: int) -> str:
         "SelectTypeParameters=CR_CPU", "SchedulerType=sched/builtin", "SchedulerParameters=sched_interval=2",
         "MpiDefault=none", "ReturnToService=2", "JobAcctGatherType=jobacct_gather/none",
         "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none", "KillWait=10",
-        "MinJobAge=3600", "InactiveLimit=0", "SlurmdTimeout=300",
+        "MinJobAge=3600", "InactiveLimit=0", "SlurmdTimeout=300", f"FirstJobId={random.randint(1000, 19000)}",
         f"NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN",
         f"PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP", ""])
 

@@ -59,7 +59,7 @@ def _ranks_batches(data):
     cfg = load_config(None, ["model.preset=tiny", "run.finetune=lora", "objective.pair_mode=ranks", f"data.dir={data}",
                              f"run.output_dir={data.parent / 'run'}", "run.tensorboard=false", "run.resume=false"])
     trainer = Trainer(cfg)
-    return torch.tensor([trainer._next_indices() for _ in range(4)])
+    return torch.tensor([trainer._micro_batches()[0].sample_ids for _ in range(4)])
 
 
 def test_pair_mode_ranks_gives_partners_the_same_pairs(tmp_path):

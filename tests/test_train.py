@@ -97,7 +97,7 @@ def test_cp2_equals_cp1(runs):
     for x, y in zip(a, b, strict=True):
         for k in ERRORS:
             assert x[k] == pytest.approx(y[k], rel=1e-6), (x["step"], k)
-        assert x["s"] == pytest.approx(y["s"], abs=5e-7)
+        assert x["s"] == pytest.approx(y["s"], abs=1e-6)  # s adds four errors, each within 1e-6 relative
         assert x["loss"] == pytest.approx(y["loss"], rel=3e-4), x["step"]
     assert a[-1]["model_err_w"] != a[0]["model_err_w"]  # it trained
 
