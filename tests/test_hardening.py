@@ -260,14 +260,16 @@ def test_resume_refuses_settings_that_change_the_math(first_run, models, encoded
 
 def test_resume_falls_back_past_a_damaged_checkpoint_and_reports_changes(first_run, models, encoded):
     out, _ = first_run
-    weights = out / "checkpoints" / "step_000004" / "engine-tp00.pt"
+    newest = out / "checkpoints" / "step_000004"
+    weights = max((p for p in newest.rglob("*") if p.is_file() and p.parent.name == "engine"),
+                  key=lambda p: p.stat().st_size)  # the engine's largest file (a DCP shard)
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
     done = _train_cli(models, encoded, out, "run.context_parallel=1", "run.steps=5", "run.log_every=2",
                       "run.save_every=5")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (f"checkpoint {out / 'checkpoints' / 'step_000004'} fails its checks: engine-tp00.pt does not match its "
+    assert (f"checkpoint {newest} fails its checks: {weights.relative_to(newest)} does not match its "
             f"SHA-256") in done.stderr
     assert (f"resume from {out / 'checkpoints' / 'step_000002'} with changed settings: run.log_every: 1 -> 2; "
             f"run.save_every: 2 -> 5; run.steps: 4 -> 5") in done.stderr
@@ -346,7 +348,7 @@ def _steps_with_a_poisoned_one(tmp):
         cfg = load_config(None, [*overrides, "optim.lr=0.1", "run.finetune=full", "lora=null",
                                  "objective.reference=copy"])
         torch.manual_seed(0)
-        engine = build_engine(cfg, torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)))
+        engine = build_engine(cfg, _TwoBlocks())
         stepped, weights = [], []
         for poison in (False, True, False):
             x = torch.randn(4, 8, generator=torch.Generator().manual_seed(len(stepped) + 10 * dist.get_rank()))
@@ -362,11 +364,28 @@ def _steps_with_a_poisoned_one(tmp):
     return results
 
 
+class _TwoBlocks(torch.nn.Module):
+    """The smallest model of the engines' contract: `blocks` (FSDP2 shards each) run in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
 def _full_weights(engine) -> torch.Tensor:
     from deepspeed.utils import safe_get_full_fp32_param
 
-    return torch.cat([(safe_get_full_fp32_param(p) if hasattr(p, "ds_id") else p).detach().float().flatten()
-                      for p in engine.module.parameters()])
+    def full(p):
+        if hasattr(p, "ds_id"):
+            return safe_get_full_fp32_param(p)
+        return p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2's DTensor shards
+
+    return torch.cat([full(p).detach().float().flatten() for p in engine.module.parameters()])
 
 
 def test_a_non_finite_gradient_is_skipped_by_both_engines(tmp_path):

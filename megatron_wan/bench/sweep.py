@@ -161,9 +161,10 @@ def _state_bytes(engine) -> int | None:
     """This rank's exact bytes of weights, gradients and AdamW state on the Megatron engine (gradients, freed at
     each step's end, counted as the trainable shards they reduce into); None for DeepSpeed (offloaded)."""
     from megatron_wan.bench.fsdp_memory import state_bytes
+    from megatron_wan.engines.megatron import MegatronEngine
     from megatron_wan.parallel.parallelize import local_bytes
 
-    if not hasattr(engine, "params"):
+    if not isinstance(engine, MegatronEngine):
         return None
     return state_bytes(engine, gradients=False)["total"] + local_bytes(engine.params)
 
