@@ -30,7 +30,7 @@ from tqdm import tqdm
 from data_tools.media import read_frames
 from data_tools.stage import Reject, input_records, read_journal, write_jsonl
 from megatron_wan.data.shards import ShardReader, ShardWriter, file_sha256
-from megatron_wan.encoders import DTYPES, WanEncoders
+from megatron_wan.models.wan21.conditioner import DTYPES, WanEncoders
 
 LIMIT = 1e3
 

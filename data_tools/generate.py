@@ -15,7 +15,7 @@ One process per GPU (`--workers` is not used): spread the GT videos over GPUs wi
 
 Weights: `--model` is a Wan 2.1 folder in diffusers layout (umT5, VAE, for I2V CLIP, and unless `--transformer` is
 given, its transformer/); `--transformer` is a diffusers transformer folder or, with `--layout original`, an original
-Wan-AI checkpoint folder. On a CPU, use a tiny random folder (megatron_wan.tiny_checkpoint.write_tiny_wan).
+Wan-AI checkpoint folder. On a CPU, use a tiny random folder (megatron_wan.models.wan21.tiny.write_tiny_wan).
 """
 
 import glob
@@ -32,7 +32,7 @@ from data_tools.encode import add_device_arguments
 from data_tools.media import video_metadata
 from data_tools.normalize import add_spec_arguments
 from data_tools.stage import Reject, atomic_path, input_records, read_journal, remove_leftovers, write_jsonl
-from megatron_wan.encoders import DTYPES
+from megatron_wan.models.wan21.conditioner import DTYPES
 from megatron_wan.sampling import FPS, SOLVERS, WAN_NEGATIVE_PROMPT, SamplingConfig, WanSampler, save_video
 
 

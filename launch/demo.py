@@ -180,7 +180,7 @@ def main(argv=None) -> Path:
     started = time.perf_counter()
     _log(f"{args.task.upper()} demo -> {out}. The Wan model and encoders are TINY RANDOM weights of the real "
          "classes: no weights can be downloaded here.")
-    from megatron_wan.tiny_checkpoint import write_tiny_wan
+    from megatron_wan.models.wan21.tiny import write_tiny_wan
 
     model = write_tiny_wan(work / "tiny-wan", args.task)
     raw = prepare_raw(out, args.clips)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_wan.model.lora import DEFAULT_TARGETS
-from megatron_wan.model.wan_config import PRESETS, WanConfig
+from megatron_wan.models.wan21.config import PRESETS, WanConfig
+from megatron_wan.models.wan21.lora import DEFAULT_TARGETS
 from megatron_wan.objectives.pair_step import PAIR_MODES
 from megatron_wan.objectives.preference import BETA, MODES, sft_weight_fn
 from megatron_wan.objectives.reference import KINDS

@@ -32,9 +32,9 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_wan import checkpointing
-from megatron_wan.encoders import DTYPES
 from megatron_wan.engines.megatron import ENGINE_DIR, tp_key
-from megatron_wan.model import WanConfig, convert, preset
+from megatron_wan.models.wan21 import WanConfig, adapter, preset
+from megatron_wan.models.wan21.conditioner import DTYPES
 
 ADAPTER_FORMATS = ("peft", "diffusers", "comfyui")
 FORMATS = ("transformer", *ADAPTER_FORMATS)
@@ -79,7 +79,7 @@ def _base(model: dict, base) -> tuple[object, WanConfig]:
     if not Path(folder).exists():
         raise FileNotFoundError(f"{folder}: the run's base model folder (model.weights) does not exist; pass the "
                                 f"base folder (--base)")
-    return convert.open_source(folder, model["layout"], {})
+    return adapter.open_source(folder, model["layout"], {})
 
 
 def _rank_weights(path: Path, run: dict) -> list[dict]:
@@ -128,7 +128,7 @@ def _module(key: str) -> tuple[str, str]:
 def merge_adapters(shards: list[dict], cfg: WanConfig, where: str) -> dict:
     """Adapters of each TP rank (rank order) -> whole ones. A column-parallel base (split on its output) splits B
     on dim 0, a row-parallel one (split on its input) A on dim 1; the other factor is replicated (see model.lora)."""
-    base_split = {p.name: p.split for p in convert.param_table(cfg)}
+    base_split = {p.name: p.split for p in adapter.param_table(cfg)}
     out = {}
     for key in shards[0]:
         module, part = _module(key)
@@ -150,11 +150,11 @@ def read_checkpoint(path, base=None) -> Trained:
     if config["run"]["finetune"] == "lora":
         weights = merge_adapters(shards, cfg, str(path))
     else:
-        missing = [p.name for p in convert.param_table(cfg) if p.name not in shards[0]]
+        missing = [p.name for p in adapter.param_table(cfg) if p.name not in shards[0]]
         if missing:
             raise KeyError(f"{path}: {len(missing)} parameter(s) of the model missing from the engine weights: "
                            f"{missing}")
-        weights = convert.merge_tp(shards, cfg)
+        weights = adapter.merge_tp(shards, cfg)
     return Trained(path, state["step"], config, cfg, source, weights)
 
 
@@ -168,7 +168,7 @@ def adapter_pairs(adapters: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]
 
 def module_name(module: str, layout: str) -> str:
     """Our module name -> its name in `layout` ('diffusers' or 'original')."""
-    return convert.rename(f"{module}.weight", layout).removesuffix(".weight")
+    return adapter.rename(f"{module}.weight", layout).removesuffix(".weight")
 
 
 def lora_config(trained: Trained) -> dict:
@@ -180,7 +180,7 @@ def lora_config(trained: Trained) -> dict:
 
 def diffusers_adapters(adapters: dict) -> dict:
     """Adapter weights under diffusers' WanTransformer3DModel names ('blocks.0.attn1.to_q.lora_A.weight')."""
-    return {convert.rename(k, "diffusers"): v for k, v in adapters.items()}
+    return {adapter.rename(k, "diffusers"): v for k, v in adapters.items()}
 
 
 def write_peft(trained: Trained, adapters: dict, folder: Path) -> None:
@@ -216,7 +216,7 @@ def merged_weights(trained: Trained) -> dict:
         raise ValueError(f"{trained.path}: model.weights is null (a randomly initialized base) so there are no base "
                          f"weights to merge the adapters into; export the adapters instead")
     layout = trained.config["model"]["layout"]
-    full = convert.to_ours(trained.base, trained.wan, layout)
+    full = adapter.to_ours(trained.base, trained.wan, layout)
     scaling = trained.lora["alpha"] / trained.lora["rank"]
     for module, (a, b) in adapter_pairs(trained.weights).items():
         w = full[f"{module}.weight"]
@@ -228,11 +228,11 @@ def write_transformer(trained: Trained, dtype, folder: Path, max_shard_size) -> 
     from diffusers import WanTransformer3DModel
     from huggingface_hub import save_torch_state_dict
 
-    state = convert.from_ours(merged_weights(trained), trained.wan, "diffusers")
+    state = adapter.from_ours(merged_weights(trained), trained.wan, "diffusers")
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     with torch.device("meta"):
-        WanTransformer3DModel(**convert.config_to_diffusers(trained.wan)).save_config(str(folder))
+        WanTransformer3DModel(**adapter.config_to_diffusers(trained.wan)).save_config(str(folder))
     save_torch_state_dict(state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
                           max_shard_size=max_shard_size)
 

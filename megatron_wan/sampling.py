@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_wan import parallel
-from megatron_wan.encoders import WanEncoders, pad_text
-from megatron_wan.model import WanModel
-from megatron_wan.model.convert import LAYOUTS
+from megatron_wan.models.wan21 import WanModel
+from megatron_wan.models.wan21.adapter import LAYOUTS
+from megatron_wan.models.wan21.conditioner import WanEncoders, pad_text
 from megatron_wan.objectives.pair_step import Conditions
 from megatron_wan.parallel.context_parallel import FrameShard
 from megatron_wan.video_io import encode_h264

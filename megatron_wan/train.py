@@ -40,8 +40,8 @@ from megatron_wan.data.loader import PairLoader, micro_batches, to_pair_batch
 from megatron_wan.data.samplers import BucketBatchSampler
 from megatron_wan.data.shards import CorruptSample
 from megatron_wan.engines import build_engine
-from megatron_wan.model import WanModel, preset
-from megatron_wan.model.lora import apply_lora
+from megatron_wan.models.wan21 import WanModel, preset
+from megatron_wan.models.wan21.lora import apply_lora
 from megatron_wan.objectives.flow_matching import FlowMatching
 from megatron_wan.objectives.pair_step import PairBatch, PairObjective
 from megatron_wan.objectives.reference import make_reference

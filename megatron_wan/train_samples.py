@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_wan.config import ConfigError
-from megatron_wan.encoders import pad_text
+from megatron_wan.models.wan21.conditioner import pad_text
 from megatron_wan.objectives.pair_step import Conditions
 from megatron_wan.sampling import FPS, SamplingConfig, denoise, initial_noise, save_video
 
@@ -95,7 +95,7 @@ def _encode_prompts(encoders, records, shape, text_len) -> list[dict]:
 
 def prepare_conditions(cfg, val_dataset, train_shape, encoder_dir, path) -> None:
     """Rank 0's part: the sample prompts' conditioning and the negative prompt's text, written to `path`."""
-    from megatron_wan.encoders import WanEncoders
+    from megatron_wan.models.wan21.conditioner import WanEncoders
     from megatron_wan.sampling import WAN_NEGATIVE_PROMPT
 
     run, task = cfg.run, cfg.run.task
@@ -129,7 +129,7 @@ class StepSampler:
 
     def _decode(self, latents) -> np.ndarray:
         if self.vae is None:
-            from megatron_wan.encoders import WanEncoders
+            from megatron_wan.models.wan21.conditioner import WanEncoders
 
             self.vae = WanEncoders(self.encoder_dir, self.task, self.device, components=("vae",),
                                    offload=self.device.type == "cuda")

@@ -8,7 +8,7 @@ import skvideo
 
 from data_tools.__main__ import main
 from data_tools.stage import read_jsonl
-from megatron_wan.tiny_checkpoint import write_tiny_wan
+from megatron_wan.models.wan21.tiny import write_tiny_wan
 
 CLIPS = Path(skvideo.__file__).parent / "datasets" / "data"
 

@@ -9,8 +9,8 @@ from wan_reference import inputs, perturbed_reference, rel_err
 from launch.local import run_local
 from megatron_wan import parallel
 from megatron_wan.model import WanModel, preset
-from megatron_wan.model.convert import merge_tp
-from megatron_wan.model.rope import rope_cos_sin
+from megatron_wan.models.wan21.adapter import merge_tp
+from megatron_wan.models.wan21.rope import rope_cos_sin
 from megatron_wan.objectives.flow_matching import FlowMatching, per_sample_error
 from megatron_wan.objectives.pair_step import PairObjective
 from megatron_wan.objectives.reference import CopyReference

@@ -9,7 +9,7 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from wan_reference import inputs, perturbed_reference, rel_err
 
 from megatron_wan.model import PRESETS, WanModel, preset
-from megatron_wan.model.convert import (
+from megatron_wan.models.wan21.adapter import (
     config_to_diffusers,
     config_to_original,
     from_ours,

@@ -22,7 +22,7 @@ from launch.local import run_local
 from megatron_wan.engines.megatron import ENGINE_DIR, tp_key
 from megatron_wan.export import ADAPTER_FORMATS, FORMATS, export, main, read_checkpoint
 from megatron_wan.model import preset
-from megatron_wan.model.convert import param_table, rename, split_tp, to_ours
+from megatron_wan.models.wan21.adapter import param_table, rename, split_tp, to_ours
 
 BATCH = inputs(preset("tiny"), grid=(2, 4, 4), timesteps=(3.0, 500.0))
 
@@ -37,7 +37,7 @@ def _trained_model(args):
 
 def _train_and_predict(args, batch):
     """Train, then the trained model's prediction on `batch`, with its adapters and without."""
-    from megatron_wan.model.lora import disable_adapter
+    from megatron_wan.models.wan21.lora import disable_adapter
 
     model = _trained_model(args)
     x, t, text, _ = batch

@@ -17,7 +17,7 @@ from megatron_wan.bench.flops import forward_flops, step_flops, video_tokens
 from megatron_wan.bench.meters import SavedTensorMeter
 from megatron_wan.config import ConfigError
 from megatron_wan.model import WanModel, preset
-from megatron_wan.model.lora import apply_lora
+from megatron_wan.models.wan21.lora import apply_lora
 from megatron_wan.objectives.flow_matching import FlowMatching
 from megatron_wan.objectives.pair_step import PairObjective
 from megatron_wan.objectives.reference import make_reference

@@ -194,7 +194,7 @@ def test_exact_bytes_per_rank():
     from megatron_wan.bench import plan
     from megatron_wan.bench.fsdp_memory import measure
     from megatron_wan.model import preset
-    from megatron_wan.model.convert import param_table
+    from megatron_wan.models.wan21.adapter import param_table
 
     rows = {r["dp_shard"]: r for r in measure(4, (1, 2, 4), "full", "tiny")}
     params = [math.prod(p.shape) for p in param_table(preset("tiny"))]

@@ -19,9 +19,9 @@ from launch.local import run_local
 from megatron_wan import parallel
 from megatron_wan.bench import meters
 from megatron_wan.config import ConfigError, load_config, validate
-from megatron_wan.model import WanModel, attention, preset, specs
-from megatron_wan.model.convert import from_ours, merge_tp
-from megatron_wan.model.lora import apply_lora, lora_layers
+from megatron_wan.models.wan21 import WanModel, attention, preset, specs
+from megatron_wan.models.wan21.adapter import from_ours, merge_tp
+from megatron_wan.models.wan21.lora import apply_lora, lora_layers
 from megatron_wan.objectives.reference import make_reference
 from megatron_wan.parallel import context_parallel as cp
 from megatron_wan.parallel.context_parallel import FrameShard

@@ -5,7 +5,7 @@ import torch
 from wan_reference import inputs, perturbed_reference, rel_err
 
 from megatron_wan.model import WanModel, preset
-from megatron_wan.model.convert import rename
+from megatron_wan.models.wan21.adapter import rename
 
 GRIDS = [(1, 4, 4), (3, 4, 6), (2, 6, 3)]  # latent (f, h, w) after patching; non-square included
 

@@ -7,7 +7,7 @@ from wan_reference import rel_err
 
 from launch.local import run_local
 from megatron_wan import parallel
-from megatron_wan.model.lora import apply_lora, lora_layers
+from megatron_wan.models.wan21.lora import apply_lora, lora_layers
 from megatron_wan.objectives.flow_matching import FlowMatching
 from megatron_wan.objectives.pair_step import PairObjective
 from megatron_wan.objectives.reference import OffloadedCopyReference, make_reference

@@ -7,7 +7,7 @@ import torch
 
 from megatron_wan import parallel
 from megatron_wan.model import WanConfig, preset
-from megatron_wan.model.attention import CoreAttention, resolve_backend
+from megatron_wan.models.wan21.attention import CoreAttention, resolve_backend
 
 
 def test_initialize_is_idempotent_and_refuses_other_sizes():

@@ -20,7 +20,7 @@ import torch
 from launch.local import run_local
 from megatron_wan import parallel
 from megatron_wan.bench.meters import SavedTensorMeter, time_it
-from megatron_wan.model import WanModel, preset
+from megatron_wan.models.wan21 import WanModel, preset
 from megatron_wan.objectives.flow_matching import per_sample_error
 
 

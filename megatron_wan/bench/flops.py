@@ -11,7 +11,7 @@ CP ranks does 1/CP of them (plus its share of tail padding), under tensor parall
 
 import math
 
-from megatron_wan.model.wan_config import WanConfig
+from megatron_wan.models.wan21.config import WanConfig
 
 CLIP_TOKENS = 257  # CLIP ViT-H/14 penultimate tokens (1 class + 16 x 16 patches) of Wan 2.1 I2V
 

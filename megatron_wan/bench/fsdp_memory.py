@@ -32,8 +32,8 @@ def _measure(shards, finetune: str, preset_name: str) -> list[dict]:
     from megatron_wan import parallel
     from megatron_wan.config import load_config
     from megatron_wan.engines.megatron import MegatronEngine
-    from megatron_wan.model import WanModel, preset
-    from megatron_wan.model.lora import apply_lora
+    from megatron_wan.models.wan21 import WanModel, preset
+    from megatron_wan.models.wan21.lora import apply_lora
 
     parallel.initialize()
     rows = []

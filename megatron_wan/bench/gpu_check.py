@@ -87,7 +87,7 @@ def list_steps() -> str:
 
 def check_config(task: str):
     """A small Wan with the real head dim (128): 4 heads, 2 layers."""
-    from megatron_wan.model import WanConfig
+    from megatron_wan.models.wan21 import WanConfig
 
     extra = dict(model_type="i2v", in_dim=36, image_dim=128) if task == "i2v" else {}
     return WanConfig(dim=512, ffn_dim=1024, num_heads=4, num_layers=2, text_dim=256, **extra)
@@ -163,8 +163,8 @@ def step_baseline(ctx):
 def step_parity(provider, backend):
     def run(ctx):
         from megatron_wan import parallel
-        from megatron_wan.model import WanModel
-        from megatron_wan.model.convert import rename
+        from megatron_wan.models.wan21 import WanModel
+        from megatron_wan.models.wan21.adapter import rename
 
         parallel.initialize()
         rows = []
@@ -185,7 +185,7 @@ def _parallel_worker(tp, cp, cp_comm, backend, provider, task, frames, state):
     """One rank of a TP x CP run (NCCL): output, input-gradient share and gradients, on the CPU."""
     from megatron_wan import parallel
     from megatron_wan.bench.parity import inputs
-    from megatron_wan.model import WanModel
+    from megatron_wan.models.wan21 import WanModel
 
     parallel.initialize(tp, cp)
     cfg = check_config(task)
@@ -200,7 +200,7 @@ def _compare_parallel(tp, cp, cp_comm, backend="sdpa", provider="local", frames=
     def run(ctx):
         from launch.local import run_local
         from megatron_wan.bench.parity import rel_err
-        from megatron_wan.model.convert import merge_tp
+        from megatron_wan.models.wan21.adapter import merge_tp
 
         rows = []
         for task in ("t2v",):
@@ -294,7 +294,7 @@ def _train_worker(argv):
 def step_train(engine):
     def run(ctx):
         from launch.local import run_local
-        from megatron_wan.model import preset
+        from megatron_wan.models.wan21 import preset
 
         root = Path(ctx["out"]) / "train"
         data = write_pairs(root / "data", preset("tiny"))
@@ -322,8 +322,8 @@ def step_sampler(ctx):
 
     from megatron_wan import parallel
     from megatron_wan.bench.parity import rel_err
+    from megatron_wan.models.wan21.tiny import write_tiny_wan
     from megatron_wan.sampling import SamplingConfig, WanSampler
-    from megatron_wan.tiny_checkpoint import write_tiny_wan
 
     parallel.initialize()
     folder = write_tiny_wan(Path(ctx["out"]) / "tiny-wan-t2v", "t2v")
@@ -361,7 +361,7 @@ def step_sampler(ctx):
 def planned_memory(**setup) -> int:
     """The planner's per-GPU bytes for `setup` (bench.plan.Setup fields) with its preset cut to 2 layers."""
     from megatron_wan.bench.plan import Setup, memory
-    from megatron_wan.model import preset
+    from megatron_wan.models.wan21 import preset
 
     class TwoLayers(Setup):
         def config(self):
@@ -375,7 +375,7 @@ def step_throughput(ctx):
     from megatron_wan.bench.flops import step_flops
     from megatron_wan.bench.meters import peak_flops, time_it
     from megatron_wan.bench.mfu import _regdpo_step
-    from megatron_wan.model import WanModel, preset
+    from megatron_wan.models.wan21 import WanModel, preset
 
     parallel.initialize()
     peak, source = peak_flops(torch.bfloat16)

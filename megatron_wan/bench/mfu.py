@@ -33,7 +33,7 @@ import torch
 from megatron_wan import parallel
 from megatron_wan.bench.flops import forward_flops, step_flops, video_tokens
 from megatron_wan.bench.meters import peak_flops, time_it
-from megatron_wan.model import WanConfig, WanModel
+from megatron_wan.models.wan21 import WanConfig, WanModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -42,7 +42,7 @@ def _models(cfg: WanConfig, device):
     """(diffusers' model, ours with the same weights), fp32 on `device`."""
     from diffusers import WanTransformer3DModel
 
-    from megatron_wan.model.convert import config_to_diffusers
+    from megatron_wan.models.wan21.adapter import config_to_diffusers
 
     torch.manual_seed(0)
     theirs = WanTransformer3DModel(**config_to_diffusers(cfg)).float()

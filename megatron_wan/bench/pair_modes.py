@@ -15,7 +15,7 @@ import torch
 
 from megatron_wan import parallel
 from megatron_wan.bench.meters import SavedTensorMeter, time_it
-from megatron_wan.model import WanModel, preset
+from megatron_wan.models.wan21 import WanModel, preset
 from megatron_wan.objectives.flow_matching import FlowMatching
 from megatron_wan.objectives.pair_step import Conditions, PairBatch, PairObjective
 from megatron_wan.objectives.reference import make_reference

@@ -5,7 +5,7 @@ Used by the parity tests (tests/wan_reference.py re-exports these) and by gpu_ch
 
 import torch
 
-from megatron_wan.model.convert import config_to_diffusers
+from megatron_wan.models.wan21.adapter import config_to_diffusers
 
 
 def perturbed_reference(cfg, seed: int = 0):

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from megatron_wan.bench.flops import CLIP_TOKENS, step_flops, video_tokens
 from megatron_wan.bench.meters import DEVICE_PEAKS
 from megatron_wan.config import Config, LoraConfig, ModelConfig, ObjectiveConfig, RunConfig, validate
-from megatron_wan.model.convert import param_table
-from megatron_wan.model.wan_config import WanConfig, preset
+from megatron_wan.models.wan21.adapter import param_table
+from megatron_wan.models.wan21.config import WanConfig, preset
 
 GIB = 2**30
 FP32 = 4

@@ -37,7 +37,7 @@ import torch
 from launch.local import run_local
 from megatron_wan.bench.meters import SavedTensorMeter
 from megatron_wan.data.shards import ShardWriter
-from megatron_wan.model import preset
+from megatron_wan.models.wan21 import preset
 from megatron_wan.parallel.parallelize import compute_parameters
 
 PRESET = "tiny"

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from megatron_wan.data.shards import CorruptSample, ShardReader
-from megatron_wan.encoders import TEXT_LEN, pad_text
+from megatron_wan.models.wan21.conditioner import TEXT_LEN, pad_text
 
 
 def _read_pairs(path: Path) -> list[dict]:

@@ -1,6 +1,5 @@
-"""The Wan 2.1 DiT on Megatron-Core."""
+"""The Wan DiT on Megatron-Core (public import path; the family packages live in `megatron_wan.models`)."""
 
-from megatron_wan.model.wan_config import PRESETS, WanConfig, preset
-from megatron_wan.model.wan_model import WanModel
+from megatron_wan.models.wan21 import PRESETS, WanConfig, WanModel, preset
 
 __all__ = ["PRESETS", "WanConfig", "WanModel", "preset"]

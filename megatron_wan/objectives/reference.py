@@ -11,7 +11,7 @@ Every reference pass runs under torch.no_grad and builds no graph.
 import torch
 from torch import nn
 
-from megatron_wan.model.lora import LoRAParallelLinear, disable_adapter, lora_layers
+from megatron_wan.models.wan21.lora import LoRAParallelLinear, disable_adapter, lora_layers
 
 KINDS = ("adapter", "copy", "copy_offload")
 

@@ -15,10 +15,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_wan import parallel
-from megatron_wan.model.embeddings import Head, ImageEmbedding, TimeEmbedding, TwoLayerMLP
-from megatron_wan.model.rope import rope_cos_sin
-from megatron_wan.model.specs import block_spec
-from megatron_wan.model.wan_config import WanConfig
+from megatron_wan.models.wan21.config import WanConfig
+from megatron_wan.models.wan21.embeddings import Head, ImageEmbedding, TimeEmbedding, TwoLayerMLP
+from megatron_wan.models.wan21.rope import rope_cos_sin
+from megatron_wan.models.wan21.specs import block_spec
 from megatron_wan.parallel.context_parallel import FrameShard, gather_tokens, replicated, scatter_frames
 
 
@@ -135,13 +135,13 @@ class WanModel(MegatronModule):
         weight shapes (pass `num_heads=` when the head dim is not Wan's 128). Each TP rank reads only
         its slice of the split weights.
         """
-        from megatron_wan.model import convert
+        from megatron_wan.models.wan21 import adapter
 
-        return convert.load(cls, source, "diffusers", overrides)
+        return adapter.load(cls, source, "diffusers", overrides)
 
     @classmethod
     def from_original(cls, source, **overrides) -> "WanModel":
         """Build from an original Wan-AI checkpoint (folder with config.json, or a state dict)."""
-        from megatron_wan.model import convert
+        from megatron_wan.models.wan21 import adapter
 
-        return convert.load(cls, source, "original", overrides)
+        return adapter.load(cls, source, "original", overrides)

@@ -10,9 +10,9 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_wan.model.attention import VERIFIED_ON_GPU, CoreAttention
-from megatron_wan.model.layers import WanAttention, WanAttentionSubmodules, WanBlock, WanBlockSubmodules
-from megatron_wan.model.norms import FP32LayerNorm, HeadRMSNorm
+from megatron_wan.models.wan21.attention import VERIFIED_ON_GPU, CoreAttention
+from megatron_wan.models.wan21.layers import WanAttention, WanAttentionSubmodules, WanBlock, WanBlockSubmodules
+from megatron_wan.models.wan21.norms import FP32LayerNorm, HeadRMSNorm
 
 
 class LocalColumnLinear(ColumnParallelLinear):

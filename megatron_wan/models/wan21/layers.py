@@ -12,7 +12,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
 from megatron_wan import parallel
-from megatron_wan.model.rope import apply_rope
+from megatron_wan.models.wan21.rope import apply_rope
 
 
 @dataclass

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from megatron_wan import parallel
-from megatron_wan.model.wan_config import WanConfig
+from megatron_wan.models.wan21.config import WanConfig
 
 LAYOUTS = ("diffusers", "original")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_wan.model.convert import config_to_diffusers
-from megatron_wan.model.wan_config import preset
+from megatron_wan.models.wan21.adapter import config_to_diffusers
+from megatron_wan.models.wan21.config import preset
 
 WORDS = ("a an the of in on at to with and is are into out over under from by big small white black red green "
          "blue yellow rabbit bird man woman child dog cat car bike road street city field meadow forest tree sky "

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_wan.model.norms import FP32LayerNorm
+from megatron_wan.models.wan21.norms import FP32LayerNorm
 
 
 def timestep_sinusoid(timestep: torch.Tensor, dim: int) -> torch.Tensor:
