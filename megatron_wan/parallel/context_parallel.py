@@ -65,10 +65,6 @@ class FrameShard:
     def local_grid(self) -> tuple[int, int, int]:
         return (self.frames_per_rank, *self.grid[1:])
 
-    @property
-    def tokens_per_rank(self) -> int:
-        return math.prod(self.local_grid)
-
     def valid_frames(self, rank: int | None = None) -> int:
         """Real (unpadded) token frames held by `rank` (default: this one)."""
         start = (self.rank if rank is None else rank) * self.frames_per_rank

@@ -2,7 +2,7 @@
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,6 @@ class WanConfig:
     params_dtype: torch.dtype = torch.float32
     perform_initialization: bool = True
     init_std: float = 0.02
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)

@@ -4,7 +4,7 @@ Submodules come from a ModuleSpec (see specs.py) so the same block runs on megat
 linears on CPU and on Transformer Engine's on GPU.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from megatron.core.transformer.module import MegatronModule
@@ -33,7 +33,6 @@ class WanBlockSubmodules:
     mlp: ModuleSpec
     adaln_norm: ModuleSpec | type  # non-affine, shared shape for norm1 and norm3
     cross_norm: ModuleSpec | type  # affine LayerNorm before cross-attention
-    extra: dict = field(default_factory=dict)
 
 
 def _column(spec, config, in_size, out_size):
