@@ -30,14 +30,17 @@ from tqdm import tqdm
 from data_tools.media import read_frames
 from data_tools.stage import Reject, input_records, read_journal, write_jsonl
 from megatron_wan.data.shards import ShardReader, ShardWriter, file_sha256
-from megatron_wan.models.wan21.conditioner import DTYPES, WanEncoders
+from megatron_wan.models import spec_for_folder, task, task_names
+from megatron_wan.models.wan21.conditioner import DTYPES
 
 LIMIT = 1e3
 
 
-def distinct_videos(pairs: list[dict], task: str) -> list[dict]:
-    """Each video of the pairs once, in order of first appearance, with the prompt (and for I2V the reference
-    image) its pair conditions it on; a video conditioned two ways is an error naming it and both pairs."""
+def distinct_videos(pairs: list[dict], task_name: str) -> list[dict]:
+    """Each video of the pairs once, in order of first appearance, with the prompt (and for a task conditioned on
+    an image, I2V, the reference image) its pair conditions it on; a video conditioned two ways is an error naming
+    it and both pairs."""
+    image = task(task_name).image
     videos = {}
     for pair in pairs:
         for side in ("winner", "loser"):
@@ -46,10 +49,10 @@ def distinct_videos(pairs: list[dict], task: str) -> list[dict]:
                 raise ValueError(f"pair {pair.get('id')!r}: {side} needs an id and a path, found {ref}")
             if not pair.get("prompt"):
                 raise ValueError(f"pair {pair.get('id')!r}: no prompt")
-            if task == "i2v" and not pair.get("image"):
-                raise ValueError(f"pair {pair.get('id')!r}: I2V encoding needs the reference image ('image')")
+            if image and not pair.get("image"):
+                raise ValueError(f"pair {pair.get('id')!r}: {task_name} encoding needs the reference image ('image')")
             video = {"id": ref["id"], "path": ref["path"], "prompt": pair["prompt"],
-                     "image": pair.get("image") if task == "i2v" else None, "pair": pair.get("id")}
+                     "image": pair.get("image") if image else None, "pair": pair.get("id")}
             seen = videos.setdefault(ref["id"], video)
             if (seen["prompt"], seen["image"]) != (video["prompt"], video["image"]):
                 raise ValueError(f"video {ref['id']!r} is conditioned differently in pairs {seen['pair']!r} and "
@@ -79,23 +82,22 @@ class _Cache(collections.OrderedDict):
         return self[key]
 
 
-def _decode(video: dict):
+def _decode(video: dict, geometry):
     try:
         frames = read_frames(video["path"])
     except Exception as e:
         raise Reject(f"cannot decode {video['path']}: {e}") from e
     f, h, w, _ = frames.shape
-    if (f - 1) % 4:
-        raise Reject(f"{f} frames; the Wan VAE needs 4k+1 (81 after normalize)")
-    if h % 16 or w % 16:
-        raise Reject(f"{w}x{h}: sides must be multiples of 16 (VAE /8, patch /2)")
+    problem = geometry.problem(f, h, w)  # the VAE's frame-count rule, sides divisible by its stride x the patch
+    if problem:
+        raise Reject(problem)
     return frames
 
 
 class Encoder:
     """Encodes one video at a time into its sample fields and metadata."""
 
-    def __init__(self, encoders: WanEncoders, sample_posterior: bool, seed: int):
+    def __init__(self, encoders, sample_posterior: bool, seed: int):
         self.encoders, self.sample_posterior, self.seed = encoders, sample_posterior, seed
         self.texts, self.images = _Cache(), _Cache()
 
@@ -108,15 +110,15 @@ class Encoder:
             generator = torch.Generator(enc.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         fields = {"latent": enc.video(frames, sample_posterior=self.sample_posterior, generator=generator),
                   "text_emb": self.texts.get_or(video["prompt"], lambda: enc.text([video["prompt"]])[0])}
-        if enc.task == "i2v":
+        if enc.needs_image:
             def conditioning():
                 with Image.open(video["image"]) as im:
-                    return enc.image_conditioning(im.convert("RGB"), len(frames))
-            fields["clip_emb"], fields["cond_latent"] = self.images.get_or((video["image"], len(frames)), conditioning)
+                    return enc.image_fields(im.convert("RGB"), len(frames))
+            fields.update(self.images.get_or((video["image"], len(frames)), conditioning))
             if fields["cond_latent"].shape[1:] != fields["latent"].shape[1:]:
                 raise Reject(f"reference image {video['image']} is {Image.open(video['image']).size}, the video "
                              f"{frames.shape[2]}x{frames.shape[1]}: they must match")
-        meta = {"fps": 16, "frames": len(frames), "width": frames.shape[2], "height": frames.shape[1],
+        meta = {"fps": enc.geometry.fps, "frames": len(frames), "width": frames.shape[2], "height": frames.shape[1],
                 "prompt_sha256": hashlib.sha256(video["prompt"].encode()).hexdigest(), "source_id": key,
                 "path": video["path"], "image": video["image"]}
         return checked(key, fields), meta
@@ -225,7 +227,7 @@ def add_device_arguments(parser) -> None:
 def add_arguments(parser) -> None:
     parser.description = __doc__
     parser.add_argument("--model", required=True, help="Wan 2.1 folder in diffusers layout")
-    parser.add_argument("--task", choices=("t2v", "i2v"), help="default: i2v when the folder has an image_encoder")
+    parser.add_argument("--task", choices=task_names(), help="default: i2v when the folder has an image_encoder")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="encoders' and stored dtype")
     add_device_arguments(parser)
     parser.add_argument("--sample-posterior", action="store_true", help="sample the VAE posterior (seeded per video)")
@@ -239,8 +241,8 @@ def run(args) -> dict:
     i, n = args.shard
     try:
         pairs = input_records(args.input)
-        encoders = WanEncoders(args.model, args.task, args.device, DTYPES[args.dtype],
-                               offload=args.offload and args.device != "cpu")
+        encoders = spec_for_folder(args.model).conditioner(args.model, args.task, args.device, DTYPES[args.dtype],
+                                                           offload=args.offload and args.device != "cpu")
         videos = distinct_videos(pairs, encoders.task)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"data_tools encode: {e}")
@@ -258,11 +260,11 @@ def run(args) -> dict:
     shards = _Shards(out, (i, n), args.samples_per_shard, {"encoder": identity})
     counts = collections.Counter()
     with open(rejects_path, "a", encoding="utf-8") as rejects, cf.ThreadPoolExecutor(max(1, args.workers)) as pool:
-        decoded = collections.deque(pool.submit(_decode, v) for v in todo[:args.workers + 1])
+        decoded = collections.deque(pool.submit(_decode, v, encoders.geometry) for v in todo[:args.workers + 1])
         for k, video in enumerate(tqdm(todo, desc="encode", unit="video", file=sys.stderr, disable=not todo)):
             frames = decoded.popleft()
             if k + args.workers + 1 < len(todo):
-                decoded.append(pool.submit(_decode, todo[k + args.workers + 1]))
+                decoded.append(pool.submit(_decode, todo[k + args.workers + 1], encoders.geometry))
             try:
                 shards.add(video["id"], *encode(video, frames.result()))
                 counts["encoded"] += 1

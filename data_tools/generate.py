@@ -32,8 +32,9 @@ from data_tools.encode import add_device_arguments
 from data_tools.media import video_metadata
 from data_tools.normalize import add_spec_arguments
 from data_tools.stage import Reject, atomic_path, input_records, read_journal, remove_leftovers, write_jsonl
+from megatron_wan import parallel
 from megatron_wan.models.wan21.conditioner import DTYPES
-from megatron_wan.sampling import FPS, SOLVERS, WAN_NEGATIVE_PROMPT, SamplingConfig, WanSampler, save_video
+from megatron_wan.sampling import SOLVERS, WAN_NEGATIVE_PROMPT, SamplingConfig, WanSampler, save_video
 
 
 def sample_seed(seed: int, video_id: str) -> int:
@@ -44,16 +45,17 @@ def sample_seed(seed: int, video_id: str) -> int:
 
 def prepare(sampler: WanSampler, gt: dict):
     """(latent shape, conditions) of a GT record; Reject when it is not a normalized GT the model can follow."""
-    needed = ["prompt", "width", "height", "frames", "fps"] + (["image"] if sampler.task == "i2v" else [])
+    needed = ["prompt", "width", "height", "frames", "fps"] + (["image"] if sampler.needs_image else [])
     missing = [k for k in needed if not gt.get(k)]
     if missing:
         raise Reject(f"GT record without {missing} (expected the normalize stage's output)")
-    if abs(float(gt["fps"]) - FPS) > 1e-3:
-        raise Reject(f"GT at {float(gt['fps']):g} fps; generated videos are {FPS} fps (normalize the GT first)")
+    fps = sampler.geometry.fps
+    if abs(float(gt["fps"]) - fps) > 1e-3:
+        raise Reject(f"GT at {float(gt['fps']):g} fps; generated videos are {fps} fps (normalize the GT first)")
     try:
         shape = sampler.latent_shape(int(gt["frames"]), int(gt["height"]), int(gt["width"]))
         image = None
-        if sampler.task == "i2v":
+        if sampler.needs_image:
             with Image.open(gt["image"]) as im:
                 image = im.convert("RGB")
         return shape, sampler.conditions(gt["prompt"], int(gt["frames"]), image)
@@ -83,7 +85,7 @@ class Generation:
         for stale in path.parent.glob(f".{glob.escape(path.stem)}.tmp-*{path.suffix}"):  # left by a killed run
             stale.unlink()
         with atomic_path(path) as tmp:
-            save_video(tmp, self.sampler.decode(latents)[0], FPS, self.crf, self.preset)
+            save_video(tmp, self.sampler.decode(latents)[0], self.sampler.geometry.fps, self.crf, self.preset)
         return {"id": video_id, "gt_id": gt["id"], "generator": self.generator, "seed": seed, "prompt": gt["prompt"],
                 "image": gt.get("image"), "aspect_bucket": gt.get("aspect_bucket"), **video_metadata(path),
                 "path": str(path)}
@@ -119,6 +121,7 @@ def run(args) -> dict:
     try:
         gts = [r for k, r in enumerate(input_records(args.input)) if k % n == i]
         config = SamplingConfig(args.solver, args.steps, args.shift, args.guidance_scale, args.negative_prompt)
+        parallel.initialize()  # the entry point sets up the process groups the model is built under
         sampler = WanSampler(args.model, transformer=args.transformer, layout=args.layout, device=args.device,
                              dtype=DTYPES[args.dtype], encoder_dtype=DTYPES[args.encoder_dtype],
                              offload=args.offload and args.device != "cpu")

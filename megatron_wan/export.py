@@ -33,7 +33,8 @@ from safetensors.torch import save_file
 
 from megatron_wan import checkpointing
 from megatron_wan.engines.megatron import ENGINE_DIR, tp_key
-from megatron_wan.models.wan21 import WanConfig, adapter, preset
+from megatron_wan.models import spec_for_preset
+from megatron_wan.models.wan21 import WanConfig, adapter
 from megatron_wan.models.wan21.conditioner import DTYPES
 
 ADAPTER_FORMATS = ("peft", "diffusers", "comfyui")
@@ -72,14 +73,16 @@ def find_checkpoint(path) -> Path:
 
 
 def _base(model: dict, base) -> tuple[object, WanConfig]:
-    """(weights source or None, WanConfig) of the run's model: `base`, else model.weights, else model.preset."""
+    """(weights source or None, WanConfig) of the run's model: `base`, else model.weights, else model.preset (whose
+    family reads the folder)."""
+    spec = spec_for_preset(model["preset"])
     folder = base or model["weights"]
     if folder is None:
-        return None, preset(model["preset"])
+        return None, spec.config(model["preset"])
     if not Path(folder).exists():
         raise FileNotFoundError(f"{folder}: the run's base model folder (model.weights) does not exist; pass the "
                                 f"base folder (--base)")
-    return adapter.open_source(folder, model["layout"], {})
+    return spec.adapter.open_source(folder, model["layout"], {})
 
 
 def _rank_weights(path: Path, run: dict) -> list[dict]:

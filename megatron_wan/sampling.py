@@ -1,6 +1,6 @@
 """Flow-matching sampling of Wan 2.1 on WanModel: diffusers' Euler and UniPC schedulers with the sigma shift
 (sigma = shift*s / (1 + (shift-1)*s)), classifier-free guidance against a negative prompt, T2V and I2V, one seed
-per sample, context parallel, VAE decode and MP4 output at 16 fps.
+per sample, context parallel, VAE decode and MP4 output at the family's frame rate (Wan 2.1: 16 fps).
 
 The loop is that of diffusers' WanPipeline / WanImageToVideoPipeline: the same noise for the same seeds, the same
 timesteps, guidance and scheduler steps, hence the same latents. Under context parallelism (CP) each rank holds only
@@ -15,9 +15,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_wan import parallel
-from megatron_wan.models.wan21 import WanModel
-from megatron_wan.models.wan21.adapter import LAYOUTS
-from megatron_wan.models.wan21.conditioner import WanEncoders, pad_text
+from megatron_wan.models import spec_for_folder
+from megatron_wan.models.wan21.conditioner import pad_text
 from megatron_wan.objectives.pair_step import Conditions
 from megatron_wan.parallel.context_parallel import FrameShard
 from megatron_wan.video_io import encode_h264
@@ -28,7 +27,6 @@ WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，�
                        "画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
                        "杂乱的背景，三条腿，背景人很多，倒着走")
 SOLVERS = ("unipc", "euler")
-FPS = 16  # Wan 2.1's frame rate
 
 
 @dataclass(frozen=True)
@@ -88,9 +86,9 @@ def _batched(t: torch.Tensor | None, b: int, name: str):
 
 
 @torch.no_grad()
-def denoise(model: WanModel, noise: torch.Tensor, cond: Conditions, negative_text: torch.Tensor | None,
+def denoise(model, noise: torch.Tensor, cond: Conditions, negative_text: torch.Tensor | None,
             config: SamplingConfig) -> torch.Tensor:
-    """Latents [B, 16, F, H, W] sampled from `noise` (the whole video, the same on every CP rank) under `cond`
+    """Latents [B, C, F, H, W] sampled from `noise` (the whole video, the same on every CP rank) under `cond`
     (text [1 or B, L, text_dim]; I2V: clip and the 20-channel cond latent) and, when guided, against
     `negative_text`; returned whole on every rank, each rank having stepped only its own frames."""
     if config.guided and negative_text is None:
@@ -115,26 +113,28 @@ def denoise(model: WanModel, noise: torch.Tensor, cond: Conditions, negative_tex
     return gather_frames(latents, shard)
 
 
-def save_video(path, frames: np.ndarray, fps: int = FPS, crf: int = 17, preset: str = "faster") -> int:
+def save_video(path, frames: np.ndarray, fps: int, crf: int = 17, preset: str = "faster") -> int:
     """Write RGB uint8 frames [F, H, W, 3] as an H.264 MP4 at `fps`; returns the frame count."""
     return encode_h264(path, frames, fps, crf, preset)
 
 
 class WanSampler:
-    """A Wan 2.1 model ready to sample: the encoders of a diffusers folder and WanModel (under the initialized TP/CP
-    groups) with the DiT weights of that folder, or of `transformer` (a diffusers transformer folder, or with
-    layout='original' an original Wan-AI checkpoint folder). The DiT runs in `dtype`; umT5, the VAE and CLIP in
+    """A model ready to sample, of the family whose pipeline folder `model_dir` is (models.spec_for_folder): the
+    family's encoders of that folder and its model (under the initialized TP/CP groups) with the DiT weights of that
+    folder, or of `transformer` (a diffusers transformer folder, or with layout='original' an original Wan-AI
+    checkpoint folder). The DiT runs in `dtype`; umT5, the VAE and CLIP in
     `encoder_dtype` (float32 by default: diffusers' Wan examples keep the VAE in float32). Everything runs on
     `device`, by default this rank's CUDA device when there is one (parallel.default_device)."""
 
     def __init__(self, model_dir, *, transformer=None, layout: str = "diffusers", device=None,
                  dtype=torch.float32, encoder_dtype=torch.float32, offload: bool = False):
-        if layout not in LAYOUTS or (layout == "original" and transformer is None):
+        self.spec = spec_for_folder(model_dir)
+        if layout not in self.spec.adapter.LAYOUTS or (layout == "original" and transformer is None):
             raise ValueError(f"layout {layout!r}: expected 'diffusers', or 'original' with a transformer folder")
         device = parallel.default_device() if device is None else device
-        self.encoders = WanEncoders(model_dir, None, device, encoder_dtype, offload)
-        loader = WanModel.from_diffusers if layout == "diffusers" else WanModel.from_original
-        self.model = loader(transformer or model_dir, params_dtype=dtype).to(self.encoders.device).eval()
+        self.encoders = self.spec.conditioner(model_dir, None, device, encoder_dtype, offload)
+        self.model = self.spec.load(transformer or model_dir, layout, params_dtype=dtype).to(self.encoders.device)
+        self.model.eval()
         if self.model.wan.model_type != self.encoders.task:
             raise ValueError(f"{transformer or model_dir}: a {self.model.wan.model_type} transformer, but the "
                              f"encoders of {model_dir} are {self.encoders.task}'s")
@@ -144,29 +144,32 @@ class WanSampler:
     def task(self) -> str:
         return self.encoders.task
 
+    @property
+    def needs_image(self) -> bool:
+        """Whether `conditions` takes a reference image (the task conditions on one)."""
+        return self.encoders.needs_image
+
+    @property
+    def geometry(self):
+        """The latent geometry of this folder's VAE and this DiT's patch (LatentGeometry)."""
+        return self.spec.geometry(self.model.wan, self.encoders.vae.config)
+
     def text(self, prompt: str) -> torch.Tensor:
         """umT5 states of `prompt` zero-padded to 512 tokens, as the pipelines feed them: [1, 512, text_dim]."""
         return pad_text(self.encoders.text([prompt])[0])[None].to(self.encoders.device)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """(16, F', H', W') of a `frames` x `height` x `width` video; a size the VAE or the patches cannot take is
+        """(C, F', H', W') of a `frames` x `height` x `width` video; a size the VAE or the patches cannot take is
         an error."""
-        c = self.encoders.vae.config
-        t, s = c.scale_factor_temporal, c.scale_factor_spatial
-        side = s * self.model.wan.patch_size[1]
-        if frames < 1 or (frames - 1) % t:
-            raise ValueError(f"{frames} frames: Wan 2.1 needs {t}k+1 (81)")
-        if height % side or width % side:
-            raise ValueError(f"{width}x{height}: both sides must be multiples of {side}")
-        return c.z_dim, (frames - 1) // t + 1, height // s, width // s
+        return self.geometry.latent_shape(frames, height, width)
 
     def conditions(self, prompt: str, frames: int, image=None) -> Conditions:
-        """Conditions of one video: the prompt's text; I2V: the CLIP tokens and cond latent of the PIL reference
-        `image`, which must have the video's size."""
-        if self.task == "t2v":
+        """Conditions of one video: the prompt's text; a task that `needs_image` (I2V): the CLIP tokens and cond
+        latent of the PIL reference `image`, which must have the video's size."""
+        if not self.needs_image:
             return Conditions(self.text(prompt))
         if image is None:
-            raise ValueError("I2V sampling needs a reference image")
+            raise ValueError(f"{self.task} sampling needs a reference image")
         clip, cond = self.encoders.image_conditioning(image, frames)
         return Conditions(self.text(prompt), clip[None].to(self.encoders.device), cond[None].to(self.encoders.device))
 
@@ -184,6 +187,6 @@ class WanSampler:
         return denoise(self.model, noise, cond, negative, config)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Normalized latents [B, 16, F', H', W'] -> RGB uint8 videos [B, F, H, W, 3] (the Wan VAE)."""
+        """Normalized latents [B, C, F', H', W'] -> RGB uint8 videos [B, F, H, W, 3] (the folder's VAE)."""
         return self.encoders.decode(latents)
 

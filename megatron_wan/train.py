@@ -40,7 +40,7 @@ from megatron_wan.data.loader import PairLoader, micro_batches, to_pair_batch
 from megatron_wan.data.samplers import BucketBatchSampler
 from megatron_wan.data.shards import CorruptSample
 from megatron_wan.engines import build_engine
-from megatron_wan.models.wan21 import WanModel, preset
+from megatron_wan.models import spec_for_preset
 from megatron_wan.models.wan21.lora import apply_lora
 from megatron_wan.objectives.flow_matching import FlowMatching
 from megatron_wan.objectives.pair_step import PairBatch, PairObjective
@@ -49,17 +49,18 @@ from megatron_wan.run_log import CollapseWatchdog, RunLog
 from megatron_wan.validation import Validator, val_pairs_path
 
 
-def build_model(cfg: Config) -> WanModel:
-    """The policy: from `model.weights` (diffusers or original layout) or randomly initialized from the preset."""
+def build_model(cfg: Config):
+    """The policy, of the family of `model.preset`: from `model.weights` (diffusers or original layout) or randomly
+    initialized from the preset."""
     m = cfg.model
+    spec = spec_for_preset(m.preset)
     runtime = dict(attention_backend=m.attention_backend, layer_provider=m.layer_provider, cp_comm=m.cp_comm,
                    recompute=m.recompute)
     if m.weights:
-        loader = WanModel.from_diffusers if m.layout == "diffusers" else WanModel.from_original
-        model = loader(m.weights, **runtime)
+        model = spec.load(m.weights, m.layout, **runtime)
     else:
         torch.manual_seed(m.init_seed)  # every rank builds the same weights
-        model = WanModel(preset(m.preset, **runtime))
+        model = spec.build(m.preset, **runtime)
     if model.wan.model_type != cfg.run.task:
         raise ConfigError(f"run.task: {cfg.run.task} but the model ({m.weights or m.preset}) is "
                           f"{model.wan.model_type}")

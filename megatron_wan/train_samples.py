@@ -21,9 +21,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_wan.config import ConfigError
+from megatron_wan.models import spec_for_folder
+from megatron_wan.models import task as task_of
 from megatron_wan.models.wan21.conditioner import pad_text
 from megatron_wan.objectives.pair_step import Conditions
-from megatron_wan.sampling import FPS, SamplingConfig, denoise, initial_noise, save_video
+from megatron_wan.sampling import SamplingConfig, denoise, initial_noise, save_video
 
 SHEET_FRAMES = 8  # frames per row of a contact sheet
 
@@ -43,15 +45,16 @@ def read_prompt_file(path, task: str) -> list[dict]:
     """[{"prompt"[, "image"]}] of a .txt (one prompt a line, T2V) or a .jsonl prompt file."""
     path = Path(path)
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    image = task_of(task).image  # the task conditions on a reference image
     if path.suffix != ".jsonl":
-        if task == "i2v":
+        if image:
             raise ConfigError(f"run.sample_prompts: {path}: I2V needs a .jsonl of {{\"prompt\", \"image\"}}")
         return [{"prompt": line.strip()} for line in lines]
     records = []
     for n, line in enumerate(lines, 1):
         record = json.loads(line)
-        if not record.get("prompt") or (task == "i2v" and not record.get("image")):
-            fields = '"prompt", "image"' if task == "i2v" else '"prompt"'
+        if not record.get("prompt") or (image and not record.get("image")):
+            fields = '"prompt", "image"' if image else '"prompt"'
             raise ConfigError(f"run.sample_prompts: {path}:{n}: expected a record with {fields}")
         if record.get("image"):
             record["image"] = str(path.parent / record["image"])
@@ -79,15 +82,15 @@ def _from_pairs(dataset, count: int) -> list[dict]:
 def _encode_prompts(encoders, records, shape, text_len) -> list[dict]:
     from PIL import Image
 
-    c = encoders.vae.config if encoders.vae is not None else None
+    geometry = encoders.geometry if encoders.vae is not None else None
     items = []
     for record in records:
         item = {"prompt": record["prompt"], "text": pad_text(encoders.text([record["prompt"]])[0], text_len),
                 "clip": None, "cond": None, "shape": list(shape)}
         if record.get("image"):
-            size = (shape[3] * c.scale_factor_spatial, shape[2] * c.scale_factor_spatial)
+            size = (shape[3] * geometry.spatial_stride, shape[2] * geometry.spatial_stride)
             image = Image.open(record["image"]).convert("RGB").resize(size)
-            frames = (shape[1] - 1) * c.scale_factor_temporal + 1
+            frames = geometry.frames(shape[1])
             item["clip"], item["cond"] = encoders.image_conditioning(image, frames)
         items.append(item)
     return items
@@ -95,15 +98,14 @@ def _encode_prompts(encoders, records, shape, text_len) -> list[dict]:
 
 def prepare_conditions(cfg, val_dataset, train_shape, encoder_dir, path) -> None:
     """Rank 0's part: the sample prompts' conditioning and the negative prompt's text, written to `path`."""
-    from megatron_wan.models.wan21.conditioner import WanEncoders
     from megatron_wan.sampling import WAN_NEGATIVE_PROMPT
 
     run, task = cfg.run, cfg.run.task
     guided = SamplingConfig(guidance_scale=run.sample_guidance_scale).guided
     parts = ("tokenizer", "text_encoder") * bool(run.sample_prompts or guided)
-    if run.sample_prompts and task == "i2v":
+    if run.sample_prompts and task_of(task).image:
         parts += ("vae", "image_encoder", "image_processor")
-    encoders = WanEncoders(encoder_dir, task, components=parts) if parts else None
+    encoders = spec_for_folder(encoder_dir).conditioner(encoder_dir, task, components=parts) if parts else None
     if run.sample_prompts:
         records = read_prompt_file(run.sample_prompts, task)[:run.sample_count]
         items = _encode_prompts(encoders, records, train_shape, cfg.data.text_len)
@@ -126,12 +128,12 @@ class StepSampler:
                                      guidance_scale=cfg.run.sample_guidance_scale)
         self.encoder_dir, self.out, self.device, self.autocast = encoder_dir, out / "samples", device, autocast
         self.task, self.seed, self.vae = cfg.run.task, cfg.run.seed, None
+        spec = spec_for_folder(encoder_dir)
+        self.conditioner, self.fps = spec.conditioner, spec.geometry().fps
 
     def _decode(self, latents) -> np.ndarray:
         if self.vae is None:
-            from megatron_wan.models.wan21.conditioner import WanEncoders
-
-            self.vae = WanEncoders(self.encoder_dir, self.task, self.device, components=("vae",),
+            self.vae = self.conditioner(self.encoder_dir, self.task, self.device, components=("vae",),
                                    offload=self.device.type == "cuda")
         return self.vae.decode(latents)[0]
 
@@ -155,7 +157,7 @@ class StepSampler:
             folder.mkdir(parents=True, exist_ok=True)
             paths = [folder / f"{k}.mp4" for k in range(len(videos))]
             for path, video in zip(paths, videos):
-                save_video(path, video)
+                save_video(path, video, self.fps)
             prompts = {p.name: item["prompt"] for p, item in zip(paths, self.items)}
             (folder / "prompts.json").write_text(json.dumps(prompts, ensure_ascii=False, indent=1), encoding="utf-8")
             from PIL import Image
@@ -163,5 +165,5 @@ class StepSampler:
             Image.fromarray(contact_sheet(videos)).save(folder / "contact_sheet.png")
             if log is not None:
                 log.log_videos(step, {f"samples/{k}": (video, path) for k, (video, path)
-                                      in enumerate(zip(videos, paths))}, FPS)
+                                      in enumerate(zip(videos, paths))}, self.fps)
         return folder

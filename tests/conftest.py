@@ -32,3 +32,12 @@ def encoded(pairs, models, tmp_path_factory):
     for task in ("t2v", "i2v"):
         run("encode", "--in", pairs / "pairs", "--out", out / task, "--model", models[task])
     return {task: out / task for task in ("t2v", "i2v")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def process_groups():
+    """This pytest process's one-rank process groups, set up first as every entry point does (a model reads them;
+    multi-process tests set up their own in each worker)."""
+    from megatron_wan import parallel
+
+    parallel.initialize()

@@ -205,7 +205,10 @@ def test_default_device_is_the_ranks_cuda_device(monkeypatch):
 
 
 def test_sampler_defaults_to_the_default_device(monkeypatch):
+    import dataclasses
+
     from megatron_wan import sampling
+    from megatron_wan.models import get_model_spec
 
     seen = []
 
@@ -216,7 +219,8 @@ def test_sampler_defaults_to_the_default_device(monkeypatch):
         seen.append(device)
         raise Stop
 
-    monkeypatch.setattr(sampling, "WanEncoders", encoders)
+    spec = dataclasses.replace(get_model_spec("wan2.1"), conditioner=encoders)
+    monkeypatch.setattr(sampling, "spec_for_folder", lambda folder: spec)
     monkeypatch.setattr(parallel, "default_device", lambda: torch.device("cuda", 5))
     with pytest.raises(Stop):
         sampling.WanSampler("folder")

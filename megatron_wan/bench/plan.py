@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from megatron_wan.bench.flops import CLIP_TOKENS, step_flops, video_tokens
 from megatron_wan.bench.meters import DEVICE_PEAKS
 from megatron_wan.config import Config, LoraConfig, ModelConfig, ObjectiveConfig, RunConfig, validate
+from megatron_wan.models import spec_for_preset
 from megatron_wan.models.wan21.adapter import param_table
-from megatron_wan.models.wan21.config import WanConfig, preset
+from megatron_wan.models.wan21.config import WanConfig
 
 GIB = 2**30
 FP32 = 4
 BF16 = 2
-VAE_STRIDE = (4, 8, 8)  # Wan 2.1 VAE: frames 1 + 4k -> 1 + k latent frames, 8x8 pixels per latent
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,8 @@ class Setup:
             (self.engine in ENGINES, f"engine: expected one of {ENGINES}"),
             (self.encoders in ("pre", "gpu"), "encoders: expected pre or gpu"),
             (self.gpu in GPUS, f"gpu: expected one of {list(GPUS)}"),
-            (self.height % 16 == 0 and self.width % 16 == 0, "height, width: must be multiples of 16"),
+            (self.height % self.geometry().side_multiple == 0 and self.width % self.geometry().side_multiple == 0,
+             f"height, width: must be multiples of {self.geometry().side_multiple}"),
             (self.frames >= 1, "frames: must be at least 1"),
         ]
         for ok, message in checks:
@@ -192,7 +193,11 @@ class Setup:
         validate(self.trainer_config(), self.gpus)  # what megatron_wan.train would reject, rejected here
 
     def config(self) -> WanConfig:
-        return preset(self.preset)
+        return spec_for_preset(self.preset).config(self.preset)
+
+    def geometry(self):
+        """The preset's latent geometry (its family's VAE strides and the DiT's patch)."""
+        return spec_for_preset(self.preset).geometry(self.config())
 
     def trainer_config(self) -> Config:
         """The run config of megatron_wan.train for this setup."""
@@ -206,9 +211,9 @@ class Setup:
         )
 
     def latent_grid(self) -> tuple[int, int, int]:
-        """Latent grid of the whole video: frames 1 + 4k -> 1 + k (others round up)."""
-        t, h, w = VAE_STRIDE
-        return 1 + math.ceil((self.frames - 1) / t), self.height // h, self.width // w
+        """Latent grid of the whole video: frames 1 + 4k -> 1 + k (others round up), sides / the VAE's stride."""
+        g = self.geometry()
+        return g.latent_frames(self.frames), self.height // g.spatial_stride, self.width // g.spatial_stride
 
     def local_grid(self) -> tuple[int, int, int]:
         """One CP rank's latent grid, tail padding included (as parallel/context_parallel.FrameShard)."""
@@ -274,14 +279,15 @@ def memory(setup: Setup) -> dict:
 
 def longest_video(setup: Setup) -> int:
     """The most frames (1 + 4k) whose pairs fit, 0 when not even one frame fits."""
-    fits = lambda k: memory(dataclasses.replace(setup, frames=1 + VAE_STRIDE[0] * k))["fits"]  # noqa: E731
+    frames = setup.geometry().frames  # latent frames -> video frames (1 + 4k for Wan 2.1's VAE)
+    fits = lambda k: memory(dataclasses.replace(setup, frames=frames(1 + k)))["fits"]  # noqa: E731
     if not fits(0):
         return 0
     lo, hi = 0, setup.config().rope_max_seq_len - 1  # RoPE covers this many token frames
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return 1 + VAE_STRIDE[0] * lo
+    return frames(1 + lo)
 
 
 def step_time(setup: Setup) -> dict:

@@ -73,12 +73,12 @@ def sample_method(sampler, items: list[dict], out: Path, args) -> int:
             prompts[path.name] = item["prompt"]
             if path.exists():
                 continue
-            cond = sampler.conditions(item["prompt"], args.frames, image if sampler.task == "i2v" else None)
+            cond = sampler.conditions(item["prompt"], args.frames, image if sampler.needs_image else None)
             shape = sampler.latent_shape(args.frames, image.height, image.width)
             video = sampler.decode(sampler.sample(cond, shape, [args.seed + 1000 * i + k], config))[0]
             if dist.get_rank() == 0:
                 tmp = path.with_name(f".{path.stem}.tmp.mp4")
-                save_video(tmp, video)
+                save_video(tmp, video, sampler.geometry.fps)
                 tmp.replace(path)
             written += 1
     if dist.get_rank() == 0:

@@ -6,20 +6,98 @@
 - I2V: CLIP vision penultimate hidden states of the reference image, and the 20-channel condition latent
   (4-channel first-frame mask + the VAE latent of [image, zeros...]) of `WanImageToVideoPipeline`.
 
+The latent geometry (channels, strides, frame-count rule) is read from the VAE's own config (`latent_geometry`).
 Each encoder sits on `offload_device` and visits `device` only while it runs, when offloading is on.
 """
 
 import contextlib
+import functools
 import hashlib
+import inspect
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from megatron_wan.models.wan21.config import WanConfig
+
 TEXT_LEN = 512  # Wan's umT5 context length
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # command-line names
+FPS = 16  # Wan 2.1's frame rate: what it was trained on and samples at
 COMPONENTS = {"t2v": ("tokenizer", "text_encoder", "vae"),
               "i2v": ("tokenizer", "text_encoder", "vae", "image_encoder", "image_processor")}
+IMAGE_FIELDS = ("clip_emb", "cond_latent")  # what an I2V sample stores besides latent and text_emb
+
+
+@dataclass(frozen=True)
+class LatentGeometry:
+    """How videos map onto a DiT's latents: the VAE's channels and strides, the DiT's patch and the frame rate.
+
+    A video of 1 + temporal_stride*k frames becomes 1 + k latent frames; each side shrinks by spatial_stride
+    and must divide by spatial_stride x the patch's side."""
+
+    channels: int  # VAE z_dim
+    temporal_stride: int  # frames per latent frame (after the first)
+    spatial_stride: int  # pixels per latent, each side
+    patch: tuple  # the DiT's (t, h, w) patch
+    fps: int
+
+    @property
+    def side_multiple(self) -> int:
+        """What both pixel sides must divide by."""
+        return self.spatial_stride * max(self.patch[1:])
+
+    def problem(self, frames: int, height: int, width: int) -> str | None:
+        """Why a `frames` x `height` x `width` video cannot be encoded and denoised, or None."""
+        if frames < 1 or (frames - 1) % self.temporal_stride:
+            return f"{frames} frames: the VAE needs {self.temporal_stride}k+1 (81 after normalize)"
+        if height % self.side_multiple or width % self.side_multiple:
+            return (f"{width}x{height}: both sides must be multiples of {self.side_multiple} (VAE /"
+                    f"{self.spatial_stride}, patch /{max(self.patch[1:])})")
+        return None
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of `frames` video frames (1 + k for 1 + stride*k; others round up)."""
+        return 1 + -(-(frames - 1) // self.temporal_stride)
+
+    def frames(self, latent_frames: int) -> int:
+        """Video frames of `latent_frames` latent frames."""
+        return 1 + self.temporal_stride * (latent_frames - 1)
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(channels, F', H', W') of a video; ValueError when it has a size `problem` names."""
+        why = self.problem(frames, height, width)
+        if why:
+            raise ValueError(why)
+        return self.channels, self.latent_frames(frames), height // self.spatial_stride, width // self.spatial_stride
+
+
+@functools.cache
+def _vae_defaults() -> dict:
+    """diffusers' AutoencoderKLWan defaults: the Wan 2.1 VAE's config."""
+    from diffusers import AutoencoderKLWan
+
+    return {name: p.default for name, p in inspect.signature(AutoencoderKLWan.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def latent_geometry(vae_config: Mapping | str | Path | None = None, patch_size: tuple | None = None,
+                    fps: int = FPS) -> LatentGeometry:
+    """The geometry of a VAE config (AutoencoderKLWan's: z_dim, scale_factor_temporal, scale_factor_spatial), a
+    folder holding one (a pipeline's or its vae/), or by default the Wan 2.1 VAE's, for a DiT of `patch_size`
+    (default: WanConfig's)."""
+    if isinstance(vae_config, (str, Path)):
+        folder = Path(vae_config)
+        path = folder / "vae" / "config.json" if (folder / "vae").is_dir() else folder / "config.json"
+        vae_config = json.loads(path.read_text())
+    config = {**_vae_defaults(), **dict(vae_config or {})}  # (a diffusers FrozenDict config is a dict too)
+    temporal = config.get("scale_factor_temporal") or 2 ** sum(config["temperal_downsample"])
+    spatial = config.get("scale_factor_spatial") or 2 ** len(config["temperal_downsample"])
+    patch = WanConfig.patch_size if patch_size is None else patch_size
+    return LatentGeometry(int(config["z_dim"]), int(temporal), int(spatial), tuple(patch), fps)
 
 
 def pad_text(text_emb: torch.Tensor, length: int = TEXT_LEN) -> torch.Tensor:
@@ -27,6 +105,16 @@ def pad_text(text_emb: torch.Tensor, length: int = TEXT_LEN) -> torch.Tensor:
     if text_emb.shape[0] > length:
         raise ValueError(f"text embedding has {text_emb.shape[0]} tokens, more than the model's {length}")
     return torch.cat([text_emb, text_emb.new_zeros(length - text_emb.shape[0], text_emb.shape[1])])
+
+
+def claims(folder) -> bool:
+    """Whether `folder` is a Wan 2.1 pipeline folder (diffusers layout): one transformer, no per-token timesteps
+    (what Wan 2.2's pipelines add: transformer_2, expand_timesteps)."""
+    index_file = Path(folder) / "model_index.json"
+    if not index_file.is_file():
+        return (Path(folder) / "vae").is_dir()
+    index = json.loads(index_file.read_text())
+    return index.get("transformer_2") in (None, [None, None]) and not index.get("expand_timesteps")
 
 
 def folder_task(model_dir) -> str:
@@ -68,8 +156,14 @@ class WanEncoders:
         if self.vae is not None:
             self.video_processor = VideoProcessor(vae_scale_factor=self.vae.spatial_compression_ratio)
             c = self.vae.config
+            self.geometry = latent_geometry(c)
             self.latents_mean = torch.tensor(c.latents_mean, dtype=torch.float32).view(1, c.z_dim, 1, 1, 1)
             self.latents_std = torch.tensor(c.latents_std, dtype=torch.float32).view(1, c.z_dim, 1, 1, 1)
+
+    @property
+    def needs_image(self) -> bool:
+        """Whether this task conditions on a reference image besides the prompt."""
+        return self.task == "i2v"
 
     def _modules(self):
         return [m for m in (self.text_encoder, self.vae, self.image_encoder) if m is not None]
@@ -117,7 +211,7 @@ class WanEncoders:
 
     @torch.no_grad()
     def video(self, frames: np.ndarray, *, sample_posterior: bool = False, generator=None) -> torch.Tensor:
-        """Normalized latent [16, F', H', W'] of RGB uint8 frames [F, H, W, 3]."""
+        """Normalized latent [z_dim, F', H', W'] of RGB uint8 frames [F, H, W, 3]."""
         pixels = self.video_processor.preprocess_video(frames.astype(np.float32) / 255.0)
         return self._encode(pixels, sample_posterior, generator)[0].to(self.dtype)
 
@@ -139,9 +233,16 @@ class WanEncoders:
         mask = mask.view(1, -1, t, *latent.shape[-2:]).transpose(1, 2)
         return clip[0].to(self.dtype).cpu(), torch.cat([mask, latent], dim=1)[0].to(self.dtype)
 
+    def image_fields(self, image, frames: int) -> dict:
+        """The sample fields (IMAGE_FIELDS) of a reference image for a `frames`-frame video; {} for a task that
+        takes none (then `image` is ignored)."""
+        if not self.needs_image:
+            return {}
+        return dict(zip(IMAGE_FIELDS, self.image_conditioning(image, frames)))
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Normalized latents [B, 16, F', H', W'] -> RGB uint8 videos [B, F, H, W, 3] (the Wan VAE)."""
+        """Normalized latents [B, z_dim, F', H', W'] -> RGB uint8 videos [B, F, H, W, 3] (the Wan VAE)."""
         z = latents.float().cpu() * self.latents_std + self.latents_mean
         with self._on_device(self.vae) as vae:
             video = vae.decode(z.to(self.device, self.dtype), return_dict=False)[0]

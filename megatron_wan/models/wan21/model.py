@@ -23,11 +23,13 @@ from megatron_wan.parallel.context_parallel import FrameShard, gather_tokens, re
 
 
 class WanModel(MegatronModule):
-    """Wan 2.1 DiT with tensor-parallel blocks; `model(x, timestep, text_emb, clip_emb=None)`."""
+    """Wan 2.1 DiT with tensor-parallel blocks; `model(x, timestep, text_emb, clip_emb=None)`. Built under the
+    TP/CP groups its entry point set up (megatron_wan.parallel.initialize)."""
 
     def __init__(self, config: WanConfig):
         if not parallel.is_initialized():
-            parallel.initialize()
+            raise RuntimeError("WanModel: no process groups; the entry point calls megatron_wan.parallel.initialize("
+                               "tensor_parallel, context_parallel) before building a model (the model reads them)")
         tconfig = config.transformer_config(parallel.tp_size(), parallel.cp_size())
         super().__init__(tconfig)
         self.wan = config
