@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from megatron_wan.data.shards import CorruptSample, ShardReader
+from megatron_wan.models import task
 from megatron_wan.models.wan21.conditioner import TEXT_LEN, pad_text
 
 
@@ -105,6 +106,6 @@ class PairDataset(Dataset):
         item = {"id": self.pairs[j]["id"], "winner_latent": win["latent"], "loser_latent": lose["latent"],
                 "text_emb": pad_text(win["text_emb"], self.text_len), "text_len": win["text_emb"].shape[0],
                 "corrupt_skipped": len(self._corrupt) - before}
-        if self.task == "i2v":
+        if task(self.task).image:  # the pair's shared image conditioning, stored with the winner
             item["clip_emb"], item["cond_latent"] = win["clip_emb"], win["cond_latent"]
         return item
