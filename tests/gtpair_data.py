@@ -8,7 +8,7 @@ import skvideo
 
 from data_tools.__main__ import main
 from data_tools.stage import read_jsonl
-from megatron_wan.models.wan21.tiny import write_tiny_wan
+from megatron_wan.models import get_model_spec
 
 CLIPS = Path(skvideo.__file__).parent / "datasets" / "data"
 
@@ -38,5 +38,7 @@ def make_gt_pairs(d: Path) -> Path:
     return d
 
 
-def make_models(d: Path) -> dict:
-    return {task: write_tiny_wan(d / task, task) for task in ("t2v", "i2v")}
+def make_models(d: Path, family: str = "wan2.1") -> dict:
+    """A tiny random pipeline folder of each task of `family`: {task: DIR}."""
+    spec = get_model_spec(family)
+    return {t.name: spec.write_tiny(d / t.name, t.name) for t in spec.tasks}

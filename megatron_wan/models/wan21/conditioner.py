@@ -44,6 +44,7 @@ class LatentGeometry:
     spatial_stride: int  # pixels per latent, each side
     patch: tuple  # the DiT's (t, h, w) patch
     fps: int
+    family: str = "Wan 2.1"  # named in the errors
 
     @property
     def side_multiple(self) -> int:
@@ -53,7 +54,7 @@ class LatentGeometry:
     def problem(self, frames: int, height: int, width: int) -> str | None:
         """Why a `frames` x `height` x `width` video cannot be encoded and denoised, or None."""
         if frames < 1 or (frames - 1) % self.temporal_stride:
-            return f"{frames} frames: the VAE needs {self.temporal_stride}k+1 (81 after normalize)"
+            return f"{frames} frames: {self.family} needs {self.temporal_stride}k+1 (81 after normalize)"
         if height % self.side_multiple or width % self.side_multiple:
             return (f"{width}x{height}: both sides must be multiples of {self.side_multiple} (VAE /"
                     f"{self.spatial_stride}, patch /{max(self.patch[1:])})")
