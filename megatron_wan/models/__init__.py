@@ -24,7 +24,7 @@ class ModelSpec:
     model: type  # config -> model (nn.Module)
     adapter: ModuleType  # state-dict adapter: diffusers / original layouts <-> ours, TP split / merge, load
     conditioner: type  # frozen encoders of a checkpoint folder (text, VAE, image), latent geometry
-    parameters: Callable[..., Any]  # config -> the one description of its parameters
+    parameters: Callable[..., Any]  # config -> its models.parameters.Description (parameter table, counts, FLOPs)
     write_tiny: Callable[..., Any]  # (directory, task, seed) -> a tiny random checkpoint folder
 
 
