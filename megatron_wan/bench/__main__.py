@@ -15,7 +15,7 @@
 import importlib
 import sys
 
-from megatron_wan.bench_suites import SUITES
+from megatron_wan.suites import SUITES
 
 
 def main(argv=None):
