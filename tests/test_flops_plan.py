@@ -16,8 +16,9 @@ from megatron_wan import parallel
 from megatron_wan.bench import activation_memory, plan
 from megatron_wan.bench.meters import SavedTensorMeter
 from megatron_wan.config import ConfigError
-from megatron_wan.model import WanModel, preset
+from megatron_wan.model import PRESETS, WanModel, preset
 from megatron_wan.models import get_model_spec
+from megatron_wan.models.wan21.adapter import config_to_diffusers
 from megatron_wan.models.wan21.lora import DEFAULT_TARGETS, apply_lora
 from megatron_wan.objectives.flow_matching import FlowMatching
 from megatron_wan.objectives.pair_step import PairObjective
@@ -104,6 +105,21 @@ def test_parameter_count_matches_the_model(name, custom):
     assert count["block"] == sum(blocks) and count["other"] == count["total"] - cfg.num_layers * count["block"]
     apply_lora(model, 4, 8, targets or DEFAULT_TARGETS)
     assert count["lora"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_description_counts_equal_diffusers_on_meta(name):
+    """The description's counts of every preset against diffusers' WanTransformer3DModel: whole, one block, the
+    rest (tests/test_convert.py checks the parameter table's names and shapes against it)."""
+    from diffusers import WanTransformer3DModel
+
+    cfg = preset(name)
+    with torch.device("meta"):
+        ref = WanTransformer3DModel(**config_to_diffusers(cfg))
+    count = _described(cfg).count()
+    block = sum(p.numel() for p in ref.blocks[0].parameters())
+    assert count["total"] == sum(p.numel() for p in ref.parameters())
+    assert (count["block"], count["other"]) == (block, count["total"] - cfg.num_layers * block)
 
 
 def test_lora_targets_matching_nothing_are_refused_like_apply_lora():
