@@ -201,7 +201,7 @@ def render_array(c: Cluster, stage: str, input_path: str, output: str, shards: i
 
 def render_bench(c: Cluster, suite: str, suite_args=(), after: str | None = None) -> str:
     """bench.sbatch: `python -m megatron_wan.bench SUITE ARGS` on one node."""
-    from megatron_wan.bench.__main__ import SUITES
+    from megatron_wan.suites import SUITES
 
     if suite not in SUITES:
         raise ConfigError(f"suite: expected one of {list(SUITES)}, found {suite!r}")

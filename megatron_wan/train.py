@@ -24,8 +24,6 @@ from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
 from megatron_wan import checkpointing, parallel, preemption, train_samples
-from megatron_wan.bench.flops import step_flops, video_tokens
-from megatron_wan.bench.meters import peak_flops
 from megatron_wan.config import (
     Config,
     ConfigError,
@@ -46,6 +44,7 @@ from megatron_wan.objectives.flow_matching import FlowMatching
 from megatron_wan.objectives.pair_step import PairBatch, PairObjective
 from megatron_wan.objectives.reference import make_reference
 from megatron_wan.run_log import CollapseWatchdog, RunLog
+from megatron_wan.throughput import peak_flops, step_flops
 from megatron_wan.validation import Validator, val_pairs_path
 
 
@@ -118,6 +117,7 @@ class Trainer:
         frozen_copy = self.reference.model if cfg.objective.reference == "copy" and self.reference else None
         self.engine = build_engine(cfg, model, frozen_copy)
         self.wan = model.wan
+        self.description = spec_for_preset(cfg.model.preset).parameters(self.wan)  # step FLOPs derive from it
 
         if self.dataset.task != run.task:
             raise ConfigError(f"data.dir: {cfg.data.dir} holds {self.dataset.task} encodings, run.task is {run.task}")
@@ -208,9 +208,10 @@ class Trainer:
 
     def _flops(self, grid, pairs: int) -> dict:
         """FLOPs of one step of this data-parallel rank (`pairs` pairs of latent `grid`), by part."""
-        lora_rank = self.cfg.lora.rank if self.cfg.run.finetune == "lora" else 0
-        parts = step_flops(self.wan, tuple(grid), self.cfg.data.text_len, pairs, self.cfg.objective.mode,
-                           self.cfg.objective.pair_mode, lora_rank, self.wan.recompute)
+        lora = self.cfg.lora if self.cfg.run.finetune == "lora" else None
+        parts = step_flops(self.description, tuple(grid), self.cfg.data.text_len, pairs, self.cfg.objective.mode,
+                           self.cfg.objective.pair_mode, lora.rank if lora else 0, self.wan.recompute,
+                           lora.targets if lora else None)
         return {k: v / self.pair_split for k, v in parts.items()}
 
     def _backward(self, loss):
@@ -241,7 +242,7 @@ class Trainer:
         videos = pairs * (1 if self.cfg.objective.mode == "sft" else 2)
         per_device = flops / (self.cfg.run.tensor_parallel * self.cfg.run.context_parallel) / seconds
         metrics.update(lr=lr, grad_norm=grad_norm, step_time=seconds, samples_per_s=pairs / seconds,
-                       tokens_per_s=videos * video_tokens(self.wan, batch.win.shape[2:]) / seconds,
+                       tokens_per_s=videos * self.description.video_tokens(batch.win.shape[2:]) / seconds,
                        tflops=flops * self.dp_size / seconds / 1e12, mfu=per_device / self.peak,
                        peak_memory_gb=_peak_memory_gb(), skipped=int(not stepped))
         return metrics

@@ -1,5 +1,6 @@
-"""FLOP counts against torch's FlopCounterMode, the planner's activation model against the bytes autograd
-saves (SavedTensorMeter), and the planner's answer to the paper's case (Appendix A.2)."""
+"""The parameter description's FLOP counts (default and custom lora.targets) against torch's FlopCounterMode and
+its parameter counts against the model, the planner's activation model against the bytes autograd saves
+(SavedTensorMeter), and the planner's answer to the paper's case (Appendix A.2)."""
 
 import dataclasses
 import json
@@ -13,25 +14,36 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_wan import parallel
 from megatron_wan.bench import activation_memory, plan
-from megatron_wan.bench.flops import forward_flops, step_flops, video_tokens
 from megatron_wan.bench.meters import SavedTensorMeter
 from megatron_wan.config import ConfigError
-from megatron_wan.model import WanModel, preset
-from megatron_wan.models.wan21.lora import apply_lora
+from megatron_wan.model import PRESETS, WanModel, preset
+from megatron_wan.models import get_model_spec
+from megatron_wan.models.wan21.adapter import config_to_diffusers
+from megatron_wan.models.wan21.lora import DEFAULT_TARGETS, apply_lora
 from megatron_wan.objectives.flow_matching import FlowMatching
 from megatron_wan.objectives.pair_step import PairObjective
 from megatron_wan.objectives.reference import make_reference
+from megatron_wan.throughput import step_flops
 
 TEXT_LEN = 7  # pair_batch's prompt length
 ACTIVATION_TOLERANCE = 0.01  # measured: within 0.4% (left out: parameter-shaped copies, e.g. of norm weights)
 
 
-def _model(name, lora_rank=0, **overrides):
+# custom lora.targets: a subset of the defaults, cross-attention keys/values on the text tokens, and I2V's image
+# keys/values (on the CLIP tokens), which the defaults leave out
+TARGETS = {"tiny": ("linear_q", "linear_fc2"), "tiny-i2v": ("linear_k", "linear_v", "linear_k_img", "linear_v_img")}
+
+
+def _model(name, lora_rank=0, targets=DEFAULT_TARGETS, **overrides):
     parallel.initialize()
     torch.manual_seed(0)
     cfg = preset(name, **overrides)
     model = WanModel(cfg)
-    return cfg, apply_lora(model, lora_rank, 2 * lora_rank) if lora_rank else model
+    return cfg, apply_lora(model, lora_rank, 2 * lora_rank, targets) if lora_rank else model
+
+
+def _described(cfg):
+    return get_model_spec("wan2.1").parameters(cfg)
 
 
 def _counted(fn) -> int:
@@ -41,16 +53,18 @@ def _counted(fn) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("name,lora_rank", [("tiny", 0), ("tiny-i2v", 0), ("tiny", 4), ("tiny-i2v", 4)])
-def test_forward_flops_equal_flop_counter(name, lora_rank):
-    cfg, model = _model(name, lora_rank)
+@pytest.mark.parametrize("name,lora_rank,custom", [("tiny", 0, False), ("tiny-i2v", 0, False), ("tiny", 4, False),
+                                                    ("tiny-i2v", 4, False), ("tiny", 4, True), ("tiny-i2v", 4, True)])
+def test_forward_flops_equal_flop_counter(name, lora_rank, custom):
+    targets = TARGETS[name] if custom else None  # None: the family's defaults
+    cfg, model = _model(name, lora_rank, targets or DEFAULT_TARGETS)
     grid = (3, 10, 14)
     batch = pair_batch(cfg, n=2, grid=grid)
     c = batch.conditions
     x = batch.win if c.cond is None else torch.cat([batch.win, c.cond], dim=1)
     with torch.no_grad():
         counted = _counted(lambda: model(x, torch.tensor([500.0, 300.0]), c.text, c.clip))
-    assert counted == forward_flops(cfg, grid, TEXT_LEN, batch=2, lora_rank=lora_rank)["total"]
+    assert counted == _described(cfg).forward_flops(grid, TEXT_LEN, 2, lora_rank, targets)["total"]
 
 
 @pytest.mark.parametrize("name,pair_mode", [("tiny", "batched"), ("tiny-i2v", "sequential")])
@@ -63,30 +77,57 @@ def test_step_flops_are_three_forwards_less_the_unneeded_input_gradients(name, p
     reference = make_reference("copy", model)
     objective = PairObjective(FlowMatching(), pair_mode=pair_mode)
     counted = _counted(lambda: objective.step(model, reference, pair_batch(cfg, n=pairs, grid=grid), step=0))
-    s, d = video_tokens(cfg, grid), cfg.dim
+    s, d = _described(cfg).video_tokens(grid), cfg.dim
     skipped = 2 * pairs * 2 * (s * cfg.in_dim * math.prod(cfg.patch_size) * d + cfg.freq_dim * d
                                + TEXT_LEN * cfg.text_dim * d)
-    assert counted == step_flops(cfg, grid, TEXT_LEN, pairs, "regdpo", pair_mode)["total"] - skipped
+    assert counted == step_flops(_described(cfg), grid, TEXT_LEN, pairs, "regdpo", pair_mode)["total"] - skipped
 
 
 def test_step_flops_parts():
     cfg = preset("wan2.1-i2v-14b-720p")
     grid = (21, 90, 160)
-    fwd = forward_flops(cfg, grid, 512)["total"]
-    sft = step_flops(cfg, grid, 512, objective="sft")
-    dpo = step_flops(cfg, grid, 512, objective="regdpo", recompute=True)
+    described = _described(cfg)
+    fwd = described.forward_flops(grid, 512)["total"]
+    sft = step_flops(described, grid, 512, objective="sft")
+    dpo = step_flops(described, grid, 512, objective="regdpo", recompute=True)
     assert sft["total"] == 3 * fwd
     assert dpo["reference_forward"] == 2 * fwd and dpo["policy_forward"] == 2 * fwd
     assert fwd > dpo["recompute"] / 2 > 0.95 * fwd  # the blocks are nearly all of a forward
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-i2v"])
-def test_parameter_count_matches_the_model(name):
+@pytest.mark.parametrize("name,custom", [("tiny", False), ("tiny-i2v", False), ("tiny", True), ("tiny-i2v", True)])
+def test_parameter_count_matches_the_model(name, custom):
+    targets = TARGETS[name] if custom else None
     cfg, model = _model(name)
-    count = plan.parameter_count(cfg, lora_rank=4)
+    count = _described(cfg).count(lora_rank=4, targets=targets)
     assert count["total"] == sum(p.numel() for p in model.parameters())
-    apply_lora(model, 4, 8)
+    blocks = [p.numel() for n, p in model.named_parameters() if n.startswith("blocks.0.")]
+    assert count["block"] == sum(blocks) and count["other"] == count["total"] - cfg.num_layers * count["block"]
+    apply_lora(model, 4, 8, targets or DEFAULT_TARGETS)
     assert count["lora"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_description_counts_equal_diffusers_on_meta(name):
+    """The description's counts of every preset against diffusers' WanTransformer3DModel: whole, one block, the
+    rest (tests/test_convert.py checks the parameter table's names and shapes against it)."""
+    from diffusers import WanTransformer3DModel
+
+    cfg = preset(name)
+    with torch.device("meta"):
+        ref = WanTransformer3DModel(**config_to_diffusers(cfg))
+    count = _described(cfg).count()
+    block = sum(p.numel() for p in ref.blocks[0].parameters())
+    assert count["total"] == sum(p.numel() for p in ref.parameters())
+    assert (count["block"], count["other"]) == (block, count["total"] - cfg.num_layers * block)
+
+
+def test_lora_targets_matching_nothing_are_refused_like_apply_lora():
+    cfg, model = _model("tiny")
+    with pytest.raises(ValueError, match="match no parallel linear"):
+        apply_lora(model, 4, 8, ("linear_1",))  # the text embedding's: a whole nn.Linear, not a parallel one
+    with pytest.raises(ValueError, match="match no parallel linear"):
+        _described(cfg).forward_flops((1, 2, 2), TEXT_LEN, lora_rank=4, targets=("linear_1",))
 
 
 CASES = [  # name, lora rank, precision, recompute, latent grid, pairs, layers
@@ -128,7 +169,7 @@ def test_activation_model_matches_saved_bytes(name, lora_rank, precision, recomp
                                       recompute=recompute, lora_rank=lora_rank)
     seen = predicted["total"] - (predicted["rope"] + predicted["recompute"] if recompute else 0)
     if precision == "autocast" and not recompute:
-        seen += plan.parameter_count(cfg, lora_rank)["lora"] * 2
+        seen += _described(cfg).count(lora_rank)["lora"] * 2
     assert seen == pytest.approx(meter.peak, rel=ACTIVATION_TOLERANCE)
 
 

@@ -194,6 +194,7 @@ def test_exact_bytes_per_rank():
     from megatron_wan.bench import plan
     from megatron_wan.bench.fsdp_memory import measure
     from megatron_wan.model import preset
+    from megatron_wan.models.wan21 import SPEC
     from megatron_wan.models.wan21.adapter import param_table
 
     rows = {r["dp_shard"]: r for r in measure(4, (1, 2, 4), "full", "tiny")}
@@ -204,6 +205,6 @@ def test_exact_bytes_per_rank():
     assert rows[1]["optimizer"] == 8 * numel + 4 * len(params)
     assert rows[2]["ratio"] <= 0.52 and rows[4]["ratio"] <= 0.27, rows
     for shard, row in rows.items():  # the planner's: these bytes, but for the largest rank's dim-0 rounding (< 2%)
-        predicted = plan.sharded_state_bytes(preset("tiny"), "full", 0, shard)
+        predicted = plan.sharded_state_bytes(SPEC.parameters(preset("tiny")), "full", 0, shard)
         for ours, theirs in (("weights", "parameters"), ("grads", "gradients"), ("optimizer", "optimizer")):
             assert predicted[ours] == pytest.approx(row[theirs], rel=0.02), (shard, ours)

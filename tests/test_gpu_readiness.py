@@ -16,8 +16,7 @@ from torch import nn
 from wan_reference import inputs, perturbed_reference, rel_err
 
 from launch.local import run_local
-from megatron_wan import parallel
-from megatron_wan.bench import meters
+from megatron_wan import parallel, throughput
 from megatron_wan.config import ConfigError, load_config, validate
 from megatron_wan.models.wan21 import WanModel, attention, preset, specs
 from megatron_wan.models.wan21.adapter import from_ours, merge_tp
@@ -276,15 +275,15 @@ def test_random_init_is_the_same_for_tp1_and_tp2():
 
 def test_fp32_peak_follows_the_tf32_setting(monkeypatch):
     h100 = "NVIDIA H100 80GB HBM3"
-    assert meters.table_peak(h100, FP32, tf32=False)[0] == 66.9e12
-    assert meters.table_peak(h100, FP32, tf32=True)[0] == 494.7e12
-    assert meters.table_peak(h100, BF16, tf32=False)[0] == 989.4e12
+    assert throughput.table_peak(h100, FP32, tf32=False)[0] == 66.9e12
+    assert throughput.table_peak(h100, FP32, tf32=True)[0] == 494.7e12
+    assert throughput.table_peak(h100, BF16, tf32=False)[0] == 989.4e12
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: h100)
     before = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False  # what a run with run.tf32=false leaves
-        peak, source = meters.peak_flops(FP32)
+        peak, source = throughput.peak_flops(FP32)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     assert peak == 66.9e12 and "TF32 off" in source

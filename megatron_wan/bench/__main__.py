@@ -15,8 +15,7 @@
 import importlib
 import sys
 
-SUITES = ("sweep", "mfu", "plan", "fsdp_memory", "activation_memory", "pair_modes", "shard_read", "loader",
-          "stability", "gpu_check")
+from megatron_wan.suites import SUITES
 
 
 def main(argv=None):

@@ -17,11 +17,12 @@ import os
 
 import torch
 
-from launch.local import run_local
 from megatron_wan import parallel
-from megatron_wan.bench.meters import SavedTensorMeter, time_it
+from megatron_wan.bench.meters import SavedTensorMeter
 from megatron_wan.models.wan21 import WanModel, preset
 from megatron_wan.objectives.flow_matching import per_sample_error
+from megatron_wan.parallel.local import run_local
+from megatron_wan.throughput import time_it
 
 
 def _sample(cfg, grid, text_len, device):

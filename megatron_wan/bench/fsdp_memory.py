@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from launch.local import run_local
+from megatron_wan.parallel.local import run_local
 from megatron_wan.parallel.parallelize import local_bytes
 
 PARTS = ("parameters", "gradients", "optimizer")

@@ -198,9 +198,9 @@ def _parallel_worker(tp, cp, cp_comm, backend, provider, task, frames, state):
 
 def _compare_parallel(tp, cp, cp_comm, backend="sdpa", provider="local", frames=(5, 4)):
     def run(ctx):
-        from launch.local import run_local
         from megatron_wan.bench.parity import rel_err
         from megatron_wan.models.wan21.adapter import merge_tp
+        from megatron_wan.parallel.local import run_local
 
         rows = []
         for task in ("t2v",):
@@ -260,7 +260,7 @@ def _nccl_worker():
 
 
 def step_nccl(ctx):
-    from launch.local import run_local
+    from megatron_wan.parallel.local import run_local
 
     results = run_local(_nccl_worker, torch.cuda.device_count())
     return [_row("all-reduce sum", all(ok for ok, _ in results), ok=all(ok for ok, _ in results)),
@@ -293,8 +293,8 @@ def _train_worker(argv):
 
 def step_train(engine):
     def run(ctx):
-        from launch.local import run_local
         from megatron_wan.models.wan21 import preset
+        from megatron_wan.parallel.local import run_local
 
         root = Path(ctx["out"]) / "train"
         data = write_pairs(root / "data", preset("tiny"))
@@ -372,10 +372,9 @@ def planned_memory(**setup) -> int:
 
 def step_throughput(ctx):
     from megatron_wan import parallel
-    from megatron_wan.bench.flops import step_flops
-    from megatron_wan.bench.meters import peak_flops, time_it
     from megatron_wan.bench.mfu import _regdpo_step
-    from megatron_wan.models.wan21 import WanModel, preset
+    from megatron_wan.models.wan21 import SPEC, WanModel, preset
+    from megatron_wan.throughput import peak_flops, step_flops, time_it
 
     parallel.initialize()
     peak, source = peak_flops(torch.bfloat16)
@@ -393,7 +392,7 @@ def step_throughput(ctx):
     torch.cuda.reset_peak_memory_stats()
     with torch.autocast("cuda", torch.bfloat16):
         seconds = time_it(step, repeats=3)
-    flops = step_flops(cfg, grid, text_len, 1)["total"]
+    flops = step_flops(SPEC.parameters(cfg), grid, text_len, 1)["total"]
     measured = torch.cuda.max_memory_allocated()
     gpu = "h200" if "H200" in torch.cuda.get_device_name() else "h100"
     predicted = planned_memory(preset="wan2.1-t2v-1.3b", height=480, width=832, frames=81, gpus=1, cp=1,

@@ -5,20 +5,20 @@
 
 One T2V config (head dim 128 at the defaults; 1,024 video tokens from the latent grid 4 x 32 x 32, 512 text tokens),
 the same weights in both models, one sample. Timed per dtype, interleaved in rounds after one warmup round:
-- matmul: the device's peak. On CPU a 1024^3 matmul in the dtype timed in this process (meters.peak_flops), on a GPU
-  the table value;
+- matmul: the device's peak. On CPU a 1024^3 matmul in the dtype timed in this process (throughput.peak_flops), on a
+  GPU the table value;
 - diffusers: forward + backward of WanTransformer3DModel (loss: mean square of the output);
 - ours: the same with our WanModel;
 - regdpo: a whole Reg-DPO training step of the training stack: batched pair (winner and loser in one forward), the
   frozen reference (a copy) on both, the loss, the backward and the Megatron engine's optimizer step (full
   fine-tuning, AdamW).
 bf16 runs under torch.autocast with fp32 weights, as training does; the backward runs inside the autocast region.
-FLOPs are bench.flops' (matrix products only: patch embedding, attention projections and cores with their
-sequence lengths, cross-attention, MLP, head): 3 forwards for a forward + backward, and for the Reg-DPO step
-3 x 2 policy forwards + 2 reference forwards. The machine is shared and noisy, so each figure is the best of the
-rounds (the fastest time, the highest peak); MFU = FLOPs / time / peak. Ours vs diffusers is also given paired: the
-median over rounds of their two times in the same round (who goes first alternates), which a drift of the machine
-hits alike.
+FLOPs come from the model's parameter description (models.parameters; matrix products only: patch embedding,
+attention projections and cores with their sequence lengths, cross-attention, MLP, head): 3 forwards for a forward +
+backward, and for the Reg-DPO step 3 x 2 policy forwards + 2 reference forwards. The machine is shared and noisy, so
+each figure is the best of the rounds (the fastest time, the highest peak); MFU = FLOPs / time / peak. Ours vs
+diffusers is also given paired: the median over rounds of their two times in the same round (who goes first
+alternates), which a drift of the machine hits alike.
 """
 
 import argparse
@@ -31,9 +31,8 @@ from pathlib import Path
 import torch
 
 from megatron_wan import parallel
-from megatron_wan.bench.flops import forward_flops, step_flops, video_tokens
-from megatron_wan.bench.meters import peak_flops, time_it
-from megatron_wan.models.wan21 import WanConfig, WanModel
+from megatron_wan.models.wan21 import SPEC, WanConfig, WanModel
+from megatron_wan.throughput import peak_flops, step_flops, time_it
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -93,10 +92,11 @@ def measure(cfg: WanConfig, grid, text_len: int, dtypes, rounds: int, device=Non
     inputs = (torch.randn(1, cfg.in_dim, *grid, generator=g).to(device), torch.tensor([500.0], device=device),
               torch.randn(1, text_len, cfg.text_dim, generator=g).to(device))
     theirs, ours = _models(cfg, device)
-    forward_backward = 3 * forward_flops(cfg, grid, text_len)["total"]
+    description = SPEC.parameters(cfg)
+    forward_backward = 3 * description.forward_flops(grid, text_len)["total"]
     work = {"diffusers": (_forward_backward(theirs, inputs, True), forward_backward),
             "ours": (_forward_backward(ours, inputs, False), forward_backward),
-            "regdpo": (_regdpo_step(ours, inputs), step_flops(cfg, grid, text_len, 1)["total"])}
+            "regdpo": (_regdpo_step(ours, inputs), step_flops(description, grid, text_len, 1)["total"])}
     results = {}
     for name in dtypes:
         dtype = DTYPES[name]
@@ -151,8 +151,9 @@ def main(argv=None) -> dict:
     started, load = time.perf_counter(), os.getloadavg()[0]
     results = measure(cfg, args.grid, args.text_len, args.dtypes, args.rounds)
     peaks = "; ".join(f"{r['peak_source']}" for r in results.values())
+    tokens = SPEC.parameters(cfg).video_tokens(args.grid)
     title = (f"dim {cfg.dim}, {cfg.num_heads} heads (head dim {cfg.head_dim}), ffn {cfg.ffn_dim}, "
-             f"{cfg.num_layers} layers, {video_tokens(cfg, args.grid)} video + {args.text_len} text tokens, "
+             f"{cfg.num_layers} layers, {tokens} video + {args.text_len} text tokens, "
              f"batch 1 (Reg-DPO: 1 pair); best of {args.rounds} rounds; peak: {peaks}; {torch.get_num_threads()} "
              f"threads, load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     text = f"# MFU, one run\n\n{title}\n\n{table(results)}\n"

@@ -14,11 +14,12 @@ import json
 import torch
 
 from megatron_wan import parallel
-from megatron_wan.bench.meters import SavedTensorMeter, time_it
+from megatron_wan.bench.meters import SavedTensorMeter
 from megatron_wan.models.wan21 import WanModel, preset
 from megatron_wan.objectives.flow_matching import FlowMatching
 from megatron_wan.objectives.pair_step import Conditions, PairBatch, PairObjective
 from megatron_wan.objectives.reference import make_reference
+from megatron_wan.throughput import time_it
 
 
 def main(argv=None):

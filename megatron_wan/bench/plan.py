@@ -31,12 +31,12 @@ import json
 import math
 from dataclasses import dataclass
 
-from megatron_wan.bench.flops import CLIP_TOKENS, step_flops, video_tokens
-from megatron_wan.bench.meters import DEVICE_PEAKS
 from megatron_wan.config import Config, LoraConfig, ModelConfig, ObjectiveConfig, RunConfig, validate
 from megatron_wan.models import spec_for_preset
-from megatron_wan.models.wan21.adapter import param_table
+from megatron_wan.models.parameters import Description
 from megatron_wan.models.wan21.config import WanConfig
+from megatron_wan.models.wan21.params import CLIP_TOKENS, describe
+from megatron_wan.throughput import DEVICE_PEAKS, step_flops
 
 GIB = 2**30
 FP32 = 4
@@ -64,29 +64,6 @@ ENGINES = ("megatron", "deepspeed")
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's default reduce_bucket_size (not set by our config)
 
 
-def parameter_count(cfg: WanConfig, lora_rank: int = 0) -> dict:
-    """Parameters of the DiT: "block" (one block), "block_split" (its part split over TP ranks),
-    "other" (embeddings and head), "total", and "lora" (adapters of rank `lora_rank`, all blocks)."""
-    d, f, heads_io = cfg.dim, cfg.ffn_dim, cfg.out_dim * math.prod(cfg.patch_size)
-    attention = 4 * d * d + 3 * d + 2 * d  # q, k, v, proj weights; q, k, v biases; q and k norms (split)
-    split = 2 * attention + (d * f + f) + f * d  # self, cross; fc1 with bias, fc2
-    whole = 2 * d + 6 * d + d  # two proj biases, modulation, fc2 bias
-    whole += 2 * d if cfg.cross_attn_norm else 0
-    if cfg.is_i2v:
-        split += 2 * d * d + 3 * d  # k_img, v_img with biases, k_img norm
-    other = (cfg.in_dim * math.prod(cfg.patch_size) * d + d  # patch embed
-             + cfg.freq_dim * d + d + d * d + d + d * 6 * d + 6 * d  # time MLP and projection
-             + cfg.text_dim * d + d + d * d + d  # text MLP
-             + d * heads_io + heads_io + 2 * d)  # head
-    if cfg.is_i2v:
-        img = cfg.image_dim
-        other += 2 * img + img * img + img + img * d + d + 2 * d
-    block = split + whole
-    lora = cfg.num_layers * lora_rank * (8 * 2 * d + 2 * (d + f))  # 8 square linears, fc1, fc2
-    return {"block": block, "block_split": split, "other": other, "total": cfg.num_layers * block + other,
-            "lora": lora}
-
-
 def activation_bytes(cfg: WanConfig, grid, text_len: int, samples: int = 1, tp: int = 1, cp: int = 1,
                      dtype_bytes: int = BF16, recompute: bool = False, lora_rank: int = 0) -> dict:
     """Bytes saved for backward by one trained forward of `samples` samples of latent `grid` (a CP
@@ -103,7 +80,7 @@ def activation_bytes(cfg: WanConfig, grid, text_len: int, samples: int = 1, tp: 
     then sees total - rope - recompute. Parameter-shaped copies (autocast casts) are not included.
     """
     a, d, dt, ft, ht, r = dtype_bytes, cfg.dim, cfg.dim // tp, cfg.ffn_dim // tp, cfg.num_heads // tp, lora_rank
-    s, latents, frozen = video_tokens(cfg, grid), math.prod(grid), lora_rank > 0
+    s, latents, frozen = describe(cfg).video_tokens(grid), math.prod(grid), lora_rank > 0
     per_token = ((3 if frozen else 7) * d * FP32  # norm inputs (full: also modulated norms, gated outputs)
                  + 3 * d * a  # inputs of self q/k/v, cross q, fc1
                  + (3 if frozen else 6) * dt * FP32  # q/k RMSNorm inputs (full: also their outputs)
@@ -135,17 +112,18 @@ def activation_bytes(cfg: WanConfig, grid, text_len: int, samples: int = 1, tp: 
     return out
 
 
-def sharded_state_bytes(cfg: WanConfig, finetune: str, lora_rank: int, shard: int, tp: int = 1,
+def sharded_state_bytes(description: Description, finetune: str, lora_rank: int, shard: int, tp: int = 1,
                         base_bytes: int = BF16) -> dict:
     """Bytes per rank of the master weights, gradients and AdamW state (two moments and one fp32 step counter
-    per parameter) when FSDP2 shards them over `shard` ranks; a LoRA base is frozen in `base_bytes`."""
-    count = parameter_count(cfg, 0 if finetune == "full" else lora_rank)
-    local = count["total"] - cfg.num_layers * count["block_split"] * (1 - 1 / tp)
+    per parameter tensor) when FSDP2 shards them over `shard` ranks; a LoRA base (the model's default targets) is
+    frozen in `base_bytes`. `description`: the model's parameters (ModelSpec.parameters of its config)."""
+    count = description.count(0 if finetune == "full" else lora_rank)
+    local = count["total"] - count["split"] * (1 - 1 / tp)
     if finetune == "full":
-        trained, tensors = local, len(param_table(cfg))
+        trained, tensors = local, len(description.params)
         weights = local * FP32
     else:
-        trained, tensors = count["lora"] / tp, 2 * 10 * cfg.num_layers  # A and B of 10 linears per block
+        trained, tensors = count["lora"] / tp, 2 * len(description.adapted())  # A and B of each adapted linear
         weights = local * base_bytes + trained * FP32
     return {"weights": weights / shard, "grads": trained * FP32 / shard,
             "optimizer": trained * 2 * FP32 / shard + tensors * FP32}
@@ -198,6 +176,9 @@ class Setup:
     def geometry(self):
         """The preset's latent geometry (its family's VAE strides and the DiT's patch)."""
         return spec_for_preset(self.preset).geometry(self.config())
+    def description(self) -> Description:
+        """The parameter description of this setup's model (its family's ModelSpec.parameters)."""
+        return spec_for_preset(self.preset).parameters(self.config())
 
     def trainer_config(self) -> Config:
         """The run config of megatron_wan.train for this setup."""
@@ -238,18 +219,18 @@ def memory(setup: Setup) -> dict:
     MixedPrecisionPolicy, ZeRO-3's bf16), so activations are bf16 but for the fp32 norms. The reference
     copy is sharded like the policy (megatron) or resident (deepspeed).
     """
-    cfg = setup.config()
+    cfg, description = setup.config(), setup.description()
     full = setup.finetune == "full"
-    count = parameter_count(cfg, 0 if full else setup.lora_rank)
+    count = description.count(0 if full else setup.lora_rank)
     tp = setup.tp
-    local = count["total"] - cfg.num_layers * count["block_split"] * (1 - 1 / tp)  # this TP rank's share
+    local = count["total"] - count["split"] * (1 - 1 / tp)  # this TP rank's share
     block = count["block"] - count["block_split"] * (1 - 1 / tp)
     lora = count["lora"] / tp
     trained, base_bytes = (local, FP32) if full else (lora, BF16)
     gathered = 2 * block * BF16  # ZeRO-3 / FSDP: the block being computed and the one prefetched
     if setup.engine == "megatron":  # FSDP2 over the DP x CP ranks: master state sharded, bf16 compute copies
         shard = setup.shard()
-        state = sharded_state_bytes(cfg, setup.finetune, setup.lora_rank, shard, tp, base_bytes)
+        state = sharded_state_bytes(description, setup.finetune, setup.lora_rank, shard, tp, base_bytes)
         weights = state["weights"] + gathered + count["other"] * BF16  # the root stays gathered
         optimizer, reference_copy = state["optimizer"], state["weights"]  # the copy sharded the same way
         if setup.pair_mode == "sequential":  # two backward passes, one reduction: unsharded fp32 until then
@@ -263,7 +244,7 @@ def memory(setup: Setup) -> dict:
     act_bytes = BF16  # FSDP2 computes with bf16 copies of every parameter (biases too), ZeRO-3 in bf16
     acts = activation_bytes(cfg, setup.local_grid(), setup.text_len, setup.samples_per_gpu(), tp, setup.cp,
                             act_bytes, setup.recompute, 0 if full else setup.lora_rank)
-    s = video_tokens(cfg, setup.local_grid()) * setup.samples_per_gpu()
+    s = description.video_tokens(setup.local_grid()) * setup.samples_per_gpu()
     in_flight = s * (4 * cfg.dim * FP32 + 2 * cfg.ffn_dim // tp * act_bytes)  # gradients alive in a block's backward
     out = {
         "weights": weights, "grads": grads, "optimizer": optimizer, "reference": reference,
@@ -292,9 +273,8 @@ def longest_video(setup: Setup) -> int:
 
 def step_time(setup: Setup) -> dict:
     """Seconds per step at `setup.mfu` of peak (compute only: no communication or offload traffic)."""
-    cfg = setup.config()
     group = setup.tp * setup.cp * (2 if setup.pair_mode == "ranks" else 1)  # GPUs sharing one pair
-    flops = step_flops(cfg, setup.latent_grid(), setup.text_len, setup.pairs, "regdpo", setup.pair_mode,
+    flops = step_flops(setup.description(), setup.latent_grid(), setup.text_len, setup.pairs, "regdpo", setup.pair_mode,
                        setup.lora_rank if setup.finetune == "lora" else 0, setup.recompute)["total"]
     seconds = flops / (group * GPUS[setup.gpu].peak_flops * setup.mfu)
     return {"step_flops": flops, "step_s": seconds, "pairs_per_step": setup.pairs * setup.gpus // group}

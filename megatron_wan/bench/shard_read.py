@@ -23,8 +23,8 @@ import tempfile
 
 import torch
 
-from megatron_wan.bench.meters import time_it
 from megatron_wan.data.shards import ShardReader, ShardWriter
+from megatron_wan.throughput import time_it
 
 SIZES = {"tiny": (16, 1, 4, 4), "small": (16, 5, 32, 32), "720p": (16, 21, 90, 160)}  # latent [C, F, H, W]
 TEXT_SHAPE = (100, 4096)

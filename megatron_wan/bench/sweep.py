@@ -8,18 +8,18 @@ copy, copy_offload) and FSDP2 sharding (run.dp_shard 2, LoRA and full fine-tune)
 batched, CP=1, no checkpointing, adapter, replicated (dp_shard 1).
 
 Each row is the training stack itself (Trainer: PairDataset, engine, objective) with the `tiny` preset, LoRA, fp32,
-one pair per data-parallel rank, on local processes (launch.local.run_local; gloo on CPU, where the processes share
-the cores; on a GPU node one GPU each): two for every row but CP=4 (four).
+one pair per data-parallel rank, on local processes (megatron_wan.parallel.local.run_local; gloo on CPU, where the
+processes share the cores; on a GPU node one GPU each): two for every row but CP=4 (four).
 The data is a synthetic encoded dataset written here in the layout of `data_tools encode` (shards, manifest.json,
 train.jsonl): random latents and text embeddings, so the sweep needs no model folder and no videos.
 
-Rows with the same process layout run in the same processes, their steps interleaved (one step of each in turn),
-so that a drift of the machine hits them alike. Per row: the median step time of the timed steps and, from it,
-pairs/s, video tokens/s, model TFLOP/s and MFU (the Trainer's: FLOPs from bench.flops, against a matmul timed in
-each process on CPU); memory is the peak of one further step on the largest rank: on CPU the bytes saved for
-backward (exact, SavedTensorMeter, parameters excluded), on CUDA the peak allocated bytes; state is the exact
-bytes of weights, gradients and optimizer state the Megatron engine holds on the largest rank. Ratios are against the
-baseline. Writes OUT/sweep.md (the table), OUT/sweep.png (the chart) and OUT/sweep.json.
+Rows with the same process layout run in the same processes, their steps interleaved (one step of each in turn), so
+that a drift of the machine hits them alike. Per row: the median step time of the timed steps and, from it, pairs/s,
+video tokens/s, model TFLOP/s and MFU (the Trainer's: FLOPs from the model's parameter description, against a matmul
+timed in each process on CPU); memory is the peak of one further step on the largest rank: on CPU the bytes saved
+for backward (exact, SavedTensorMeter, parameters excluded), on CUDA the peak allocated bytes; state is the exact
+bytes of weights, gradients and optimizer state the Megatron engine holds on the largest rank. Ratios are against
+the baseline. Writes OUT/sweep.md (the table), OUT/sweep.png (the chart) and OUT/sweep.json.
 """
 
 import argparse
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from launch.local import run_local
 from megatron_wan.bench.meters import SavedTensorMeter
 from megatron_wan.data.shards import ShardWriter
 from megatron_wan.models.wan21 import preset
+from megatron_wan.parallel.local import run_local
 from megatron_wan.parallel.parallelize import compute_parameters
 
 PRESET = "tiny"

@@ -35,7 +35,7 @@ class ModelSpec:
     model: type  # config -> model (nn.Module); needs the process groups set up (megatron_wan.parallel.initialize)
     adapter: ModuleType  # state-dict adapter: diffusers / original layouts <-> ours, TP split / merge, load
     conditioner: type  # (model_dir, task, device, dtype, offload, components) -> the frozen encoders of a folder
-    parameters: Callable[..., Any]  # config -> the one description of its parameters
+    parameters: Callable[..., Any]  # config -> its models.parameters.Description (parameter table, counts, FLOPs)
     write_tiny: Callable[..., Any]  # (directory, task, seed) -> a tiny random checkpoint folder
     tasks: tuple[Task, ...] = ()
     latent_geometry: Callable[..., Any] | None = None  # (vae config | folder | None, patch_size) -> LatentGeometry

@@ -1,14 +1,13 @@
 """Weights between our layout, diffusers' WanTransformer3DModel and the original Wan-AI checkpoints.
 
-One table (`param_table`) lists every parameter of a config with its full shape and its TP split
-dimension; the renames below give its name in each layout. Conversions are lookups in that table,
-so a round trip is bit-exact. TP ranks read only their slice of the split tensors.
+One table (`param_table`, from the family's parameter description in params.py) lists every parameter of a config
+with its full shape and its TP split dimension; the renames below give its name in each layout. Conversions are
+lookups in that table, so a round trip is bit-exact. TP ranks read only their slice of the split tensors.
 """
 
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +15,9 @@ from safetensors import safe_open
 from torch import nn
 
 from megatron_wan import parallel
+from megatron_wan.models.parameters import Param
 from megatron_wan.models.wan21.config import WanConfig
+from megatron_wan.models.wan21.params import describe
 
 LAYOUTS = ("diffusers", "original")
 
@@ -70,59 +71,9 @@ def rename(key: str, layout: str) -> str:
     raise KeyError(f"no {layout} name for parameter {key!r}")
 
 
-@dataclass(frozen=True)
-class Param:
-    name: str  # ours
-    shape: tuple
-    split: int | None  # tensor-parallel partition dim, None when replicated
-
-
 def param_table(cfg: WanConfig) -> list[Param]:
-    """Every parameter of `cfg` (full, unsplit shapes) in our naming."""
-    d, rows = cfg.dim, []
-
-    def linear(name, i, o, split=None):
-        rows.append(Param(f"{name}.weight", (o, i), split))
-        rows.append(Param(f"{name}.bias", (o,), 0 if split == 0 else None))
-
-    def norm(name, n, bias=True, split=None):
-        rows.append(Param(f"{name}.weight", (n,), split))
-        if bias:
-            rows.append(Param(f"{name}.bias", (n,), None))
-
-    rows.append(Param("patch_embedding.weight", (d, cfg.in_dim, *cfg.patch_size), None))
-    rows.append(Param("patch_embedding.bias", (d,), None))
-    linear("time.time_embedding.linear_1", cfg.freq_dim, d)
-    linear("time.time_embedding.linear_2", d, d)
-    linear("time.time_projection", d, 6 * d)
-    linear("text_embedding.linear_1", cfg.text_dim, d)
-    linear("text_embedding.linear_2", d, d)
-    if cfg.is_i2v:
-        norm("image_embedding.norm1", cfg.image_dim)
-        linear("image_embedding.mlp.linear_1", cfg.image_dim, cfg.image_dim)
-        linear("image_embedding.mlp.linear_2", cfg.image_dim, d)
-        norm("image_embedding.norm2", d)
-    for b in range(cfg.num_layers):
-        p = f"blocks.{b}."
-        rows.append(Param(p + "modulation", (1, 6, d), None))
-        for attn in ("self_attention", "cross_attention"):
-            for lin in ("linear_q", "linear_k", "linear_v"):
-                linear(f"{p}{attn}.{lin}", d, d, split=0)
-            linear(f"{p}{attn}.linear_proj", d, d, split=1)
-            if cfg.qk_norm:
-                norm(f"{p}{attn}.q_norm", d, bias=False, split=0)
-                norm(f"{p}{attn}.k_norm", d, bias=False, split=0)
-        if cfg.is_i2v:
-            linear(p + "cross_attention.linear_k_img", d, d, split=0)
-            linear(p + "cross_attention.linear_v_img", d, d, split=0)
-            norm(p + "cross_attention.k_img_norm", d, bias=False, split=0)
-        if cfg.cross_attn_norm:
-            norm(p + "cross_norm", d)
-        linear(p + "mlp.linear_fc1", d, cfg.ffn_dim, split=0)
-        linear(p + "mlp.linear_fc2", cfg.ffn_dim, d, split=1)
-    rows.append(Param("head.modulation", (1, 2, d), None))
-    linear("head.linear", d, cfg.out_dim * math.prod(cfg.patch_size))
-    return rows
+    """Every parameter of `cfg` (full, unsplit shapes) in our naming: the family's description (params.py)."""
+    return list(describe(cfg).params)
 
 
 def _slice(shape, split, rank, size) -> tuple:

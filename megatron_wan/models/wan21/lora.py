@@ -23,6 +23,7 @@ from megatron.core.tensor_parallel.mappings import (
 from torch import nn
 
 from megatron_wan import parallel
+from megatron_wan.models.parameters import lora_target
 
 DEFAULT_TARGETS = ("linear_q", "linear_k", "linear_v", "linear_proj", "linear_fc1", "linear_fc2")
 
@@ -65,14 +66,15 @@ class LoRAParallelLinear(nn.Module):
 
 
 def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 32.0, targets=DEFAULT_TARGETS) -> nn.Module:
-    """Wrap every parallel linear whose name ends in one of `targets`; freeze everything but the adapters."""
+    """Wrap every parallel linear whose name ends in one of `targets` (models.parameters.lora_target, the rule the
+    parameter description counts adapters and their FLOPs by); freeze everything but the adapters."""
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = 0
     for name, module in list(model.named_modules()):
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in targets and _parallel_mode(module) in ("column", "row"):
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if lora_target(name, targets) and _parallel_mode(module) in ("column", "row"):
+            parent, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent) if parent else model
             setattr(parent, leaf, LoRAParallelLinear(module, rank, alpha))
             wrapped += 1
     if not wrapped:
