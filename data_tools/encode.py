@@ -29,8 +29,10 @@ from tqdm import tqdm
 
 from data_tools.media import read_frames
 from data_tools.stage import Reject, input_records, read_journal, write_jsonl
-from megatron_wan.data.shards import ShardReader, ShardWriter, file_sha256
-from megatron_wan.models.wan21.conditioner import DTYPES, WanEncoders
+from megatron_wan.data.shards import ShardReader, ShardWriter
+from megatron_wan.dtypes import DTYPES
+from megatron_wan.files import atomic_write, file_sha256
+from megatron_wan.models.wan21.conditioner import WanEncoders
 
 LIMIT = 1e3
 
@@ -167,10 +169,7 @@ class _Shards:
 
 def _write_sidecar(prefix: Path) -> dict:
     digest = {"bin_sha256": file_sha256(f"{prefix}.bin"), "idx_sha256": file_sha256(f"{prefix}.idx")}
-    sidecar = prefix.with_suffix(".sha256.json")
-    tmp = sidecar.with_name("." + sidecar.name + ".tmp")
-    tmp.write_text(json.dumps(digest))
-    tmp.replace(sidecar)
+    atomic_write(prefix.with_suffix(".sha256.json"), json.dumps(digest))
     return digest
 
 
@@ -209,9 +208,7 @@ def assemble(out: Path, pairs: list[dict], encoding: dict) -> dict:
     for split in ("train", "test"):
         write_jsonl(out / f"{split}.jsonl", [p for p in kept if p.get("split", "train") == split])
     write_jsonl(out / "rejects.jsonl", [*video_rejects.values(), *pair_rejects])
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(out / "manifest.json")
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 

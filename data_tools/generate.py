@@ -18,7 +18,6 @@ given, its transformer/); `--transformer` is a diffusers transformer folder or, 
 Wan-AI checkpoint folder. On a CPU, use a tiny random folder (megatron_wan.models.wan21.tiny.write_tiny_wan).
 """
 
-import glob
 import hashlib
 import json
 import sys
@@ -31,8 +30,9 @@ from tqdm import tqdm
 from data_tools.encode import add_device_arguments
 from data_tools.media import video_metadata
 from data_tools.normalize import add_spec_arguments
-from data_tools.stage import Reject, atomic_path, input_records, read_journal, remove_leftovers, write_jsonl
-from megatron_wan.models.wan21.conditioner import DTYPES
+from data_tools.stage import Reject, input_records, read_journal, remove_leftovers, write_jsonl
+from megatron_wan.dtypes import DTYPES
+from megatron_wan.files import atomic_path, remove, stale_temporaries
 from megatron_wan.sampling import FPS, SOLVERS, WAN_NEGATIVE_PROMPT, SamplingConfig, WanSampler, save_video
 
 
@@ -80,8 +80,8 @@ class Generation:
         if not torch.isfinite(latents).all():
             raise Reject(f"video {video_id!r} (seed {seed}): the sampled latents are not finite")
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{glob.escape(path.stem)}.tmp-*{path.suffix}"):  # left by a killed run
-            stale.unlink()
+        for stale in stale_temporaries(path):  # left by a killed run
+            remove(stale)
         with atomic_path(path) as tmp:
             save_video(tmp, self.sampler.decode(latents)[0], FPS, self.crf, self.preset)
         return {"id": video_id, "gt_id": gt["id"], "generator": self.generator, "seed": seed, "prompt": gt["prompt"],

@@ -13,7 +13,6 @@ can segfault on a bad file) rejects that record and the run goes on; workers die
 """
 
 import concurrent.futures as cf
-import contextlib
 import csv
 import ctypes
 import json
@@ -28,6 +27,8 @@ from collections import Counter, deque
 from pathlib import Path
 
 from tqdm import tqdm
+
+from megatron_wan.files import TEMPORARY, atomic_path
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv"}
 
@@ -116,18 +117,6 @@ class VideoTable:
     def find(self, record: dict):
         """(row number, value) of the record's row; None when no row names it."""
         return next((self.rows[k][0] for k in record_keys(record) if k in self.rows), None)
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path` (same extension); renamed to `path` only if the block succeeds."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_jsonl(path, records) -> None:
@@ -269,17 +258,14 @@ def _run_pool(process, todo, workers, on_done):
                     suspects.extend(running.values())
 
 
-_TEMPORARY = re.compile(r"^\.(.+)\.tmp-\d+(\.[^.]*)?$")  # atomic_path's names
-
-
 def remove_leftovers(out: Path, ids, suffix: str) -> int:
     """Remove the temporary files a killed run left in `out`: those of the records `ids` (not journaled, so no
     other shard writes them) and of this shard's manifest and rejects; returns how many."""
     ids, mine, removed = set(ids), {f"manifest{suffix}", f"rejects{suffix}"}, 0
     for tmp in out.rglob(".*.tmp-*"):
-        m = _TEMPORARY.match(tmp.name)
+        m = TEMPORARY.match(tmp.name)
         rel = tmp.parent.relative_to(out).parts
-        if m and (m.group(1) in mine if not rel else "/".join((*rel[1:], m.group(1))) in ids):
+        if m and (m["stem"] in mine if not rel else "/".join((*rel[1:], m["stem"])) in ids):
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -14,9 +14,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 
+from megatron_wan.dtypes import DTYPES, TRAINING
 from megatron_wan.models.wan21.config import PRESETS, WanConfig
 from megatron_wan.models.wan21.lora import DEFAULT_TARGETS
 from megatron_wan.objectives.pair_step import PAIR_MODES
@@ -142,7 +142,7 @@ class Config:
 
 CHOICES = {
     "run.task": ("t2v", "i2v"), "run.finetune": ("lora", "full"), "run.engine": ("megatron", "deepspeed"),
-    "run.dtype": ("bf16", "fp32"), "model.layout": ("diffusers", "original"),
+    "run.dtype": TRAINING, "model.layout": ("diffusers", "original"),
     "model.attention_backend": ("auto", "sdpa", "flash", "te"), "model.cp_comm": ("auto", "ring", "ulysses", "te"),
     "model.layer_provider": ("auto", "local", "te"),
     "objective.mode": MODES, "objective.pair_mode": PAIR_MODES, "objective.reference": KINDS,
@@ -274,7 +274,7 @@ def check_cp_comm(cfg: Config, latent_shapes) -> None:
     if heads is None and m.cp_comm == "ulysses":
         return  # a checkpoint's head count is known when the model is loaded (CoreAttention checks it)
     problem = cp_comm_problem(m.cp_comm, m.attention_backend, run.context_parallel, heads or 0, head_dim,
-                              torch.bfloat16 if run.dtype == "bf16" else torch.float32, grids)
+                              DTYPES[run.dtype], grids)
     if problem and m.cp_comm == "ulysses":
         raise ConfigError(f"model.cp_comm: ulysses needs the heads per TP rank ({heads}) divisible by "
                           f"run.context_parallel={run.context_parallel}; use ring")

@@ -7,7 +7,9 @@ import re
 import pytest
 import torch
 
-from megatron_wan.data.shards import DTYPES, ShardReader, ShardWriter, file_sha256, shard_paths
+from megatron_wan.data.shards import ShardReader, ShardWriter, shard_paths
+from megatron_wan.dtypes import SHARD_CODES
+from megatron_wan.files import file_sha256
 
 
 def raw(t):
@@ -37,7 +39,8 @@ def make_samples():
             "empty": torch.zeros(0, 4),
         }
     samples["clip-a"]["big"] = torch.randn(256, 1024, generator=g)  # 1 MiB
-    samples["all-dtypes"] = {name: (torch.randn(3, 2, generator=g) * 100).to(dtype) for name, dtype in DTYPES.items()}
+    samples["all-dtypes"] = {name: (torch.randn(3, 2, generator=g) * 100).to(dtype)
+                             for name, dtype in SHARD_CODES.items()}
     samples["strided"] = {"t": torch.arange(24, dtype=torch.int32).reshape(4, 6).t()}  # non-contiguous input
     return samples
 

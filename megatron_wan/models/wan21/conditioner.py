@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 TEXT_LEN = 512  # Wan's umT5 context length
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # command-line names
 COMPONENTS = {"t2v": ("tokenizer", "text_encoder", "vae"),
               "i2v": ("tokenizer", "text_encoder", "vae", "image_encoder", "image_processor")}
 
