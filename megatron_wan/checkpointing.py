@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_wan.files import atomic_write, file_sha256, fsync, publish, temporary
+from megatron_wan.files import atomic_write, file_sha256, fsync, publish, remove, temporary
 
 MANIFEST = "manifest.json"
 
@@ -152,7 +152,8 @@ def save(root, step: int, engine, trainer_state: dict, rank_state: dict, keep_la
     tmp = staging(final)
     rank = dist.get_rank()
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for killed in root.glob(".step_*.tmp-*"):  # what a save that was killed left (never read)
+            remove(killed)
         tmp.mkdir(parents=True)
     dist.barrier()
     engine.save(tmp)

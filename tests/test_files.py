@@ -2,6 +2,7 @@
 writing process killed by SIGKILL) leaves the old file (or none), and the temporary file it leaves is neither read
 nor kept by the next writer. Also: shards written before the shared dtype table still read, byte for byte."""
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import torch
 from data_tools.stage import read_inputs, remove_leftovers
 from megatron_wan.data.shards import ShardReader, ShardWriter
 from megatron_wan.dtypes import SHARD_CODES
-from megatron_wan.files import atomic_path, atomic_write, stale_temporaries, target_name, temporary
+from megatron_wan.files import atomic_path, atomic_write, file_sha256, stale_temporaries, target_name, temporary
 
 REPO = Path(__file__).parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "shard_v1" / "all-dtypes"
@@ -119,3 +120,10 @@ def test_shards_written_before_the_dtype_table_read_and_are_written_the_same(tmp
             w.add(key, fields)
     for ext in ("bin", "idx"):
         assert (tmp_path / f"all-dtypes.{ext}").read_bytes() == Path(f"{FIXTURE}.{ext}").read_bytes()
+
+
+def test_file_sha256_matches_hashlib(tmp_path):
+    path = tmp_path / "f"
+    data = os.urandom(3 * 2**20 + 123)
+    path.write_bytes(data)
+    assert file_sha256(path) == hashlib.sha256(data).hexdigest()
