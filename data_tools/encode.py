@@ -9,7 +9,8 @@ distinct video of the pairs is encoded once, into a sample keyed by its id:
 with fps, frames, size, prompt SHA-256 and source ids in the shard's metadata. A value that is not finite or
 exceeds 1e3 in magnitude rejects the video, named, and nothing of it is written.
 
-Outputs in DIR: shards `part-I-of-N-J.{bin,idx}` (`--samples-per-shard` each), rejects.I-of-N.jsonl, and, once
+Outputs in DIR: shards `part-I-of-N-J.{bin,idx}` (`--samples-per-shard` each), journal.I-of-N.jsonl and
+rejects.I-of-N.jsonl (the rejected videos; data_tools.stage's runner writes them), and, once
 every `--shard` part is done, manifest.json (counts, per-shard SHA-256, encoder identity, latent
 normalization), pairs.jsonl / train.jsonl / test.jsonl (the pairs whose videos are all encoded, same latent
 shape) and rejects.jsonl. A killed run resumes: finalized shards are kept, at most one shard is redone.
@@ -17,7 +18,7 @@ shape) and rejects.jsonl. A killed run resumes: finalized shards are kept, at mo
 """
 
 import collections
-import concurrent.futures as cf
+import functools
 import hashlib
 import json
 import sys
@@ -25,13 +26,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from data_tools.media import read_frames
-from data_tools.stage import Reject, input_records, read_journal, write_jsonl
-from megatron_wan.data.shards import ShardReader, ShardWriter, file_sha256
+from data_tools.stage import Reject, add_device_arguments, input_records, read_journal, run_stage, write_jsonl
+from megatron_wan.data.shards import ShardReader, ShardWriter
+from megatron_wan.dtypes import DTYPES
+from megatron_wan.files import atomic_write, file_sha256
 from megatron_wan.models import spec_for_folder, task, task_names
-from megatron_wan.models.wan21.conditioner import DTYPES
 
 LIMIT = 1e3
 
@@ -142,15 +143,18 @@ def _existing(out: Path, identity: dict) -> set[str]:
 
 
 class _Shards:
-    """Rolls samples into part-I-of-N-J shards of `size` samples, each published with its SHA-256 sidecar."""
+    """The encode stage's sink: rolls samples into part-I-of-N-J shards of `size` samples, each published with its
+    SHA-256 sidecar; `done` holds the keys of every finalized shard in `out` (what a re-run skips)."""
 
-    def __init__(self, out: Path, shard: tuple[int, int], size: int, metadata: dict):
-        self.out, self.size, self.metadata = out, size, metadata
+    def __init__(self, out: Path, shard: tuple[int, int], size: int, identity: dict):
+        self.out, self.size, self.metadata = out, size, {"encoder": identity}
+        self.done = _existing(out, identity)
         self.stem = f"part-{shard[0]:05d}-of-{shard[1]:05d}"
         self.next = len(list(out.glob(f"{self.stem}-*.idx")))
         self.writer, self.samples = None, {}
 
-    def add(self, key, fields, meta):
+    def add(self, key, output):
+        fields, meta = output
         if self.writer is None:
             self.writer = ShardWriter(self.out / f"{self.stem}-{self.next:05d}", {})
         self.writer.add(key, fields)
@@ -164,15 +168,13 @@ class _Shards:
         self.writer.metadata = {**self.metadata, "samples": self.samples}
         self.writer.finalize()
         _write_sidecar(Path(self.writer.idx_path).with_suffix(""))
+        self.done |= self.samples.keys()
         self.writer, self.samples, self.next = None, {}, self.next + 1
 
 
 def _write_sidecar(prefix: Path) -> dict:
     digest = {"bin_sha256": file_sha256(f"{prefix}.bin"), "idx_sha256": file_sha256(f"{prefix}.idx")}
-    sidecar = prefix.with_suffix(".sha256.json")
-    tmp = sidecar.with_name("." + sidecar.name + ".tmp")
-    tmp.write_text(json.dumps(digest))
-    tmp.replace(sidecar)
+    atomic_write(prefix.with_suffix(".sha256.json"), json.dumps(digest))
     return digest
 
 
@@ -211,17 +213,8 @@ def assemble(out: Path, pairs: list[dict], encoding: dict) -> dict:
     for split in ("train", "test"):
         write_jsonl(out / f"{split}.jsonl", [p for p in kept if p.get("split", "train") == split])
     write_jsonl(out / "rejects.jsonl", [*video_rejects.values(), *pair_rejects])
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(out / "manifest.json")
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
-
-
-def add_device_arguments(parser) -> None:
-    """--device and --no-offload, shared by the stages that run models."""
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-offload", dest="offload", action="store_false",
-                        help="keep every encoder on the device (default: each visits it only while it runs)")
 
 
 def add_arguments(parser) -> None:
@@ -251,36 +244,18 @@ def run(args) -> dict:
     identity.pop("model")  # where the folder lives does not change what it encodes
     encoding = {"encoder": identity, "model": str(Path(args.model).resolve()),
                 "latent_normalization": encoders.latent_normalization()}
-    done = _existing(out, identity)
-    rejects_path = out / f"rejects.{i}-of-{n}.jsonl"
-    rejected = {r["id"] for r in read_journal(rejects_path)}
-    mine = [v for k, v in enumerate(videos) if k % n == i]
-    todo = [v for v in mine if v["id"] not in done | rejected]
-    encode = Encoder(encoders, args.sample_posterior, args.seed)
-    shards = _Shards(out, (i, n), args.samples_per_shard, {"encoder": identity})
-    counts = collections.Counter()
-    with open(rejects_path, "a", encoding="utf-8") as rejects, cf.ThreadPoolExecutor(max(1, args.workers)) as pool:
-        decoded = collections.deque(pool.submit(_decode, v, encoders.geometry) for v in todo[:args.workers + 1])
-        for k, video in enumerate(tqdm(todo, desc="encode", unit="video", file=sys.stderr, disable=not todo)):
-            frames = decoded.popleft()
-            if k + args.workers + 1 < len(todo):
-                decoded.append(pool.submit(_decode, todo[k + args.workers + 1], encoders.geometry))
-            try:
-                shards.add(video["id"], *encode(video, frames.result()))
-                counts["encoded"] += 1
-            except Reject as e:
-                rejects.write(json.dumps({"id": video["id"], "path": video["path"], "reason": str(e),
-                                          "stage": "encode"}) + "\n")
-                rejects.flush()
-                counts["rejected"] += 1
-        shards.close()
-    (out / f"done.{i}-of-{n}").write_text(json.dumps(dict(counts)))
-    summary = {"stage": "encode", "shard": f"{i}/{n}", "videos": len(mine), "already_done": len(mine) - len(todo),
-               **counts}
+    shards = _Shards(out, (i, n), args.samples_per_shard, identity)
+    summary = run_stage("encode", videos, Encoder(encoders, args.sample_posterior, args.seed), out,
+                        workers=args.workers, shard=(i, n), in_process=True, sink=shards,
+                        prefetch=functools.partial(_decode, geometry=encoders.geometry),
+                        suffix=f".{i}-of-{n}")  # always -of-N: assemble gathers every part's rejects
+    atomic_write(out / f"done.{i}-of-{n}", json.dumps({"encoded": summary["accepted"],
+                                                       "rejected": summary["rejected"]}))
+    summary = {"stage": "encode", "shard": summary["shard"], "videos": summary["inputs"],
+               "already_done": summary["already_done"], "encoded": summary["accepted"],
+               "rejected": summary["rejected"]}
     if all((out / f"done.{k}-of-{n}").exists() for k in range(n)):
         manifest = assemble(out, pairs, encoding)
         summary.update(samples=manifest["samples"], pairs=manifest["pairs"], shards=len(manifest["shards"]))
-    print(f"encode: {len(mine)} videos, {counts['encoded']} encoded, {counts['rejected']} rejected "
-          f"({summary['already_done']} already done) -> {out}"
-          + (f"; dataset: {summary['samples']} samples, {summary['pairs']} pairs" if "samples" in summary else ""))
+        print(f"encode: dataset: {summary['samples']} samples, {summary['pairs']} pairs -> {out}")
     return summary

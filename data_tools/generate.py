@@ -18,22 +18,20 @@ given, its transformer/); `--transformer` is a diffusers transformer folder or, 
 Wan-AI checkpoint folder. On a CPU, use a tiny random folder (megatron_wan.models.wan21.tiny.write_tiny_wan).
 """
 
-import glob
+import functools
 import hashlib
-import json
 import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from data_tools.encode import add_device_arguments
 from data_tools.media import video_metadata
 from data_tools.normalize import add_spec_arguments
-from data_tools.stage import Reject, atomic_path, input_records, read_journal, remove_leftovers, write_jsonl
+from data_tools.stage import Reject, add_device_arguments, input_records, run_stage
 from megatron_wan import parallel
-from megatron_wan.models.wan21.conditioner import DTYPES
+from megatron_wan.dtypes import DTYPES
+from megatron_wan.files import atomic_path
 from megatron_wan.sampling import SOLVERS, WAN_NEGATIVE_PROMPT, SamplingConfig, WanSampler, save_video
 
 
@@ -82,8 +80,6 @@ class Generation:
         if not torch.isfinite(latents).all():
             raise Reject(f"video {video_id!r} (seed {seed}): the sampled latents are not finite")
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{glob.escape(path.stem)}.tmp-*{path.suffix}"):  # left by a killed run
-            stale.unlink()
         with atomic_path(path) as tmp:
             save_video(tmp, self.sampler.decode(latents)[0], self.sampler.geometry.fps, self.crf, self.preset)
         return {"id": video_id, "gt_id": gt["id"], "generator": self.generator, "seed": seed, "prompt": gt["prompt"],
@@ -114,12 +110,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> dict:
-    i, n = args.shard
-    suffix = "" if n == 1 else f".{i}-of-{n}"
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     try:
-        gts = [r for k, r in enumerate(input_records(args.input)) if k % n == i]
+        gts = input_records(args.input)
         config = SamplingConfig(args.solver, args.steps, args.shift, args.guidance_scale, args.negative_prompt)
         parallel.initialize()  # the entry point sets up the process groups the model is built under
         sampler = WanSampler(args.model, transformer=args.transformer, layout=args.layout, device=args.device,
@@ -128,43 +121,12 @@ def run(args) -> dict:
     except (FileNotFoundError, KeyError, ValueError) as e:
         sys.exit(f"data_tools generate: {e}")
     job = Generation(sampler, config, args)
-    plan = [(gt, job.ids(gt, args.samples)) for gt in gts]
-    journal_path = out / f"journal{suffix}.jsonl"
-    done = {entry["id"]: entry for entry in read_journal(journal_path, repair=True)}
-    already = sum(v in done for _, ids in plan for v in ids)
-    todo = [(gt, [v for v in ids if v not in done]) for gt, ids in plan if gt["id"] not in done]
-    todo = [(gt, ids) for gt, ids in todo if ids]
-    remove_leftovers(out, (v for _, ids in todo for v in ids), suffix)
-    bar = tqdm(total=sum(len(ids) for _, ids in todo), desc="generate", unit="video", file=sys.stderr, disable=not todo)
-    with open(journal_path, "a", encoding="utf-8") as journal:
 
-        def record(entry):
-            journal.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            journal.flush()
-            done[entry["id"]] = entry
+    def videos(gt: dict, ids: list[str]):
+        shape, cond = prepare(sampler, gt)  # a Reject here rejects the GT record, once
+        return [(video_id, functools.partial(job.video, gt, video_id, shape, cond)) for video_id in ids]
 
-        for gt, ids in todo:
-            try:
-                shape, cond = prepare(sampler, gt)
-            except Reject as e:
-                record({"id": gt["id"], "path": gt.get("path"), "rejected": str(e)})
-                bar.update(len(ids))
-                continue
-            for video_id in ids:
-                try:
-                    record({"id": video_id, "accepted": job.video(gt, video_id, shape, cond)})
-                except Reject as e:
-                    record({"id": video_id, "path": gt.get("path"), "rejected": str(e)})
-                bar.update()
-    bar.close()
-    entries = [done[k] for gt, ids in plan for k in (gt["id"], *ids) if k in done]
-    accepted = [e["accepted"] for e in entries if "accepted" in e]
-    rejects = [{"id": e["id"], "path": e.get("path"), "reason": e["rejected"], "stage": "generate"}
-               for e in entries if "rejected" in e]
-    write_jsonl(out / f"manifest{suffix}.jsonl", accepted)
-    write_jsonl(out / f"rejects{suffix}.jsonl", rejects)
-    summary = {"stage": "generate", "shard": f"{i}/{n}", "inputs": len(gts), "videos": len(accepted),
-               "rejected": len(rejects), "already_done": already}
-    print(f"generate: {len(gts)} GT videos, {len(accepted)} videos ({already} already done), {len(rejects)} rejected "
-          f"-> {out}")
-    return summary
+    summary = run_stage("generate", gts, videos, out, shard=args.shard, in_process=True,
+                        parts=lambda gt: job.ids(gt, args.samples))
+    return {"stage": "generate", "shard": summary["shard"], "inputs": summary["inputs"], "videos": summary["accepted"],
+            "rejected": summary["rejected"], "already_done": summary["already_done"]}

@@ -14,7 +14,7 @@ import av
 import numpy as np
 
 from data_tools.stage import Reject
-from megatron_wan.data.shards import file_sha256
+from megatron_wan.files import file_sha256
 from megatron_wan.video_io import encode_h264 as encode_h264  # re-exported for the stages
 
 # name -> (width, height) ratio; Wan 2.1 trains 16:9 and 9:16 at 720p; the paper adds 3:4 and 1:1

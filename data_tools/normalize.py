@@ -29,7 +29,8 @@ from data_tools.media import (
     transform,
     video_metadata,
 )
-from data_tools.stage import Reject, VideoTable, atomic_path, read_table
+from data_tools.stage import Reject, VideoTable, read_table
+from megatron_wan.files import atomic_path
 
 MEDIA_FIELDS = ("path", "fps", "frames", "duration", "width", "height", "aspect", "codec", "size_bytes", "sha256",
                 "probe_backend", "stream", "stored_width", "stored_height", "sar", "rotation", "colorspace")

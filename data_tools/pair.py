@@ -20,7 +20,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from data_tools.stage import input_records, read_table, write_jsonl
+from data_tools.stage import input_records, read_table, shard_share, shard_suffix, write_jsonl
 
 
 def split_of(gt_id: str, test_fraction: float, seed: int) -> str:
@@ -112,7 +112,7 @@ def run(args) -> dict:
     if args.fill_to and n > 1:
         sys.exit("data_tools pair: --fill-to samples over all annotated pairs; run it without --shard")
     try:
-        gts = [r for k, r in enumerate(input_records(args.input)) if k % n == i]
+        gts = shard_share(input_records(args.input), args.shard)
         generated = [r for src in args.generated for r in input_records(src)]
         scores = video_scores(args.scores) if args.scores else {}
     except (FileNotFoundError, ValueError) as e:
@@ -128,7 +128,7 @@ def run(args) -> dict:
         p["split"] = split_of(p["gt_id"], args.test_fraction, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if n == 1 else f".{i}-of-{n}"
+    suffix = shard_suffix(args.shard)
     write_jsonl(out / f"manifest{suffix}.jsonl", pairs)
     for split in ("train", "test"):
         write_jsonl(out / f"{split}{suffix}.jsonl", [p for p in pairs if p["split"] == split])

@@ -2,18 +2,19 @@
 processes, `--shard I/N`, a progress bar and a summary.
 
 A stage is a function `record -> record` (or a list of records) that raises `Reject(reason)` for a
-video that fails it. Outputs in DIR:
+video that fails it; `run_stage` runs it in worker processes, or, for a stage that runs a model (generate,
+encode), in this process, with per-record parts (generate's K videos of a GT), decoding ahead in threads and a
+sink other than the manifest (encode's shards). Outputs in DIR:
 - `journal[.I-of-N].jsonl`: one line per input record as soon as it is done (what a re-run skips);
 - `manifest[.I-of-N].jsonl`: accepted records, in input order, carrying forward every earlier field;
 - `rejects[.I-of-N].jsonl`: `{"id", "path", "reason", "stage"}` per rejected record.
-Manifests are written under a temporary name and renamed when complete; a record whose journal line
+Manifests are written under a temporary name and renamed when complete (megatron_wan.files); a record whose journal line
 is not complete is simply done again (a torn last line is truncated). A crash inside a worker (a decoder
 can segfault on a bad file) rejects that record and the run goes on; workers die with the stage's process
 (even under kill -9), and the next run removes the temporary files a killed one left.
 """
 
 import concurrent.futures as cf
-import contextlib
 import csv
 import ctypes
 import json
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv"}
+from megatron_wan.files import TEMPORARY, atomic_path
 
 
 class Reject(Exception):
@@ -118,18 +119,6 @@ class VideoTable:
         return next((self.rows[k][0] for k in record_keys(record) if k in self.rows), None)
 
 
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path` (same extension); renamed to `path` only if the block succeeds."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_jsonl(path, records) -> None:
     """Write records atomically (temporary file, then rename)."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
@@ -202,6 +191,15 @@ def no_inputs(source) -> str:
     return f"{source}: no inputs (no video files, or an empty manifest)"
 
 
+def add_device_arguments(parser) -> None:
+    """--device and --no-offload, shared by the stages that run models."""
+    import torch  # not at the top: worker processes import this module
+
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-offload", dest="offload", action="store_false",
+                        help="keep every encoder on the device (default: each visits it only while it runs)")
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """'I/N' -> (I, N) with 0 <= I < N."""
     try:
@@ -269,17 +267,14 @@ def _run_pool(process, todo, workers, on_done):
                     suspects.extend(running.values())
 
 
-_TEMPORARY = re.compile(r"^\.(.+)\.tmp-\d+(\.[^.]*)?$")  # atomic_path's names
-
-
 def remove_leftovers(out: Path, ids, suffix: str) -> int:
     """Remove the temporary files a killed run left in `out`: those of the records `ids` (not journaled, so no
     other shard writes them) and of this shard's manifest and rejects; returns how many."""
     ids, mine, removed = set(ids), {f"manifest{suffix}", f"rejects{suffix}"}, 0
     for tmp in out.rglob(".*.tmp-*"):
-        m = _TEMPORARY.match(tmp.name)
+        m = TEMPORARY.match(tmp.name)
         rel = tmp.parent.relative_to(out).parts
-        if m and (m.group(1) in mine if not rel else "/".join((*rel[1:], m.group(1))) in ids):
+        if m and (m["stem"] in mine if not rel else "/".join((*rel[1:], m["stem"])) in ids):
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed
@@ -293,10 +288,73 @@ def _grouped(rejects: list[dict]) -> list[tuple[int, dict]]:
     return sorted(((len(g), g[0]) for g in groups.values()), key=lambda x: -x[0])
 
 
+def shard_suffix(shard) -> str:
+    """The file-name suffix of `--shard I/N`: '' for one shard, '.I-of-N' of N."""
+    i, n = shard
+    return "" if n == 1 else f".{i}-of-{n}"
+
+
+def shard_share(records: list, shard) -> list:
+    """The records `--shard I/N` processes: every N-th, starting at I."""
+    i, n = shard
+    return [r for k, r in enumerate(records) if k % n == i]
+
+
+def _one_part(record) -> list[str]:
+    return [record["id"]]
+
+
+def _outputs(entry) -> list[dict]:
+    out = entry["accepted"]
+    return out if isinstance(out, list) else [out]  # generate's journals before the shared runner held one record
+
+
+def _run_here(process, todo, on_done, *, parts: bool, prefetch, threads: int):
+    """Every (record, pending part ids) of `todo` through `process` in this process, in order; `prefetch` runs in
+    `threads` threads ahead. Reject rejects a record (or a part); any other error stops the run."""
+    with cf.ThreadPoolExecutor(max(1, threads)) as pool:
+        ahead = deque()
+        for k, (record, ids) in enumerate(todo):
+            while prefetch and len(ahead) < threads + 1 and k + len(ahead) < len(todo):
+                ahead.append(pool.submit(prefetch, todo[k + len(ahead)][0]))
+            try:
+                if not parts:
+                    out = process(record, ahead.popleft().result()) if prefetch else process(record)
+                    on_done(record["id"], record, {"accepted": out if isinstance(out, list) else [out]})
+                    continue
+                work = process(record, ids)
+            except Reject as e:
+                on_done(record["id"], record, {"rejected": str(e)}, len(ids))
+                continue
+            for part, make in work:
+                try:
+                    out = make()
+                    on_done(part, record, {"accepted": out if isinstance(out, list) else [out]})
+                except Reject as e:
+                    on_done(part, record, {"rejected": str(e)})
+
+
 def run_stage(name: str, records: list[dict], process, out_dir, *, workers: int = 1, shard=(0, 1),
-              rejected_inputs=()) -> dict:
+              rejected_inputs=(), in_process: bool = False, parts=None, prefetch=None, sink=None,
+              suffix: str | None = None) -> dict:
     """Run `process` over `records` (this shard's share), resumably; write manifest and rejects; return a summary.
-    `rejected_inputs` (read_inputs' rejects: {id, path, reason}) are journaled as rejects without a worker."""
+    `rejected_inputs` (read_inputs' rejects: {id, path, reason}) are journaled as rejects without a worker.
+
+    By default each record goes through `process(record)` in one of `workers` processes and any error rejects it.
+    With `in_process`, records go through `process` here, in order (a model loaded once), and only Reject rejects
+    (any other error, e.g. out of memory, stops the run); then, for stages that run a model per record:
+    - `prefetch(record)` runs in `workers` threads ahead (decoding the next videos) and its result is the second
+      argument of `process(record, prefetched)`; a Reject from either rejects the record;
+    - `parts(record)` names a record's parts, each journaled on its own (generate: K videos of a GT):
+      `process(record, ids)` gets the part ids not done yet and returns [(id, make)], `make()` giving that part's
+      output; a Reject from `process` rejects the record as a whole, one from `make()` that part only;
+    - a `sink` takes the accepted outputs instead of the manifest (encode: shards): `sink.done` holds the ids it has
+      published (a re-run skips them), `sink.add(id, output)` takes one, `sink.close()` publishes the rest; the
+      journal then holds the rejects only.
+    `suffix` names this shard's files (default: shard_suffix)."""
+    if not in_process and (parts or prefetch or sink) or (parts and prefetch):
+        raise ValueError(f"{name}: parts, prefetch and sink are for stages that run in this process (in_process), "
+                         "parts and prefetch not together")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     everything = [*records, *({**r, "input_reject": r["reason"]} for r in rejected_inputs)]
@@ -304,51 +362,67 @@ def run_stage(name: str, records: list[dict], process, out_dir, *, workers: int 
     dupes = [i for i, n in ids.items() if n > 1 or i is None]
     if dupes:
         raise ValueError(f"{name}: input records need unique 'id' fields; duplicated or missing: {dupes[:5]}")
-    i, n = shard
-    suffix = "" if n == 1 else f".{i}-of-{n}"
-    mine = [r for k, r in enumerate(everything) if k % n == i]
+    suffix = shard_suffix(shard) if suffix is None else suffix
+    parts_of = parts or _one_part
+    mine = shard_share(everything, shard)
     journal_path = out / f"journal{suffix}.jsonl"
     done = {entry["id"]: entry for entry in read_journal(journal_path, repair=True)}
-    todo = [r for r in mine if r["id"] not in done]
-    skipped = len(mine) - len(todo)
-    removed = remove_leftovers(out, (r["id"] for r in todo), suffix)
+    published = sink.done if sink is not None else set()
+    pending = {r["id"]: [p for p in parts_of(r) if p not in done and p not in published]
+               for r in mine if r["id"] not in done}
+    todo = [(r, pending[r["id"]]) for r in mine if pending.get(r["id"])]
+    skipped = sum(p in done or p in published for r in mine for p in parts_of(r))
+    removed = remove_leftovers(out, (p for _, ids in todo for p in ids), suffix)
     if removed:
         print(f"{name}: removed {removed} temporary files of an earlier run that was killed", file=sys.stderr)
-    bar = tqdm(total=len(todo), desc=name, unit="video", file=sys.stderr, disable=not todo)
+    bar = tqdm(total=sum(len(ids) for _, ids in todo), desc=name, unit="video", file=sys.stderr, disable=not todo)
     with open(journal_path, "a", encoding="utf-8") as journal:
 
-        def on_done(record, result):
-            entry = {"id": record["id"], **result}
+        def on_done(key, record, result, count=1):
+            entry = {"id": key, **result}
             if "rejected" in result:
                 entry["path"] = record.get("path")
+            elif sink is not None:  # published by the sink, not journaled
+                sink.add(key, result["accepted"][0])
+                bar.update(count)
+                return
             journal.write(json.dumps(entry, ensure_ascii=False) + "\n")
             journal.flush()
-            done[record["id"]] = entry
-            bar.update()
+            done[key] = entry
+            bar.update(count)
 
-        for r in todo:
+        for r, _ in todo:
             if "input_reject" in r:
-                on_done(r, {"rejected": r["input_reject"], "stage": "input"})
-        work = [r for r in todo if "input_reject" not in r]
-        if work:
-            _run_pool(process, work, workers, on_done)
+                on_done(r["id"], r, {"rejected": r["input_reject"], "stage": "input"})
+        work = [(r, ids) for r, ids in todo if "input_reject" not in r]
+        if in_process:
+            _run_here(process, work, on_done, parts=parts is not None, prefetch=prefetch, threads=workers)
+            if sink is not None:
+                sink.close()  # not after an error: a killed writer's temporary files are removed by the next
+        elif work:
+            _run_pool(process, [r for r, _ in work], workers, lambda record, result: on_done(record["id"], record,
+                                                                                             result))
     bar.close()
     accepted, rejects = [], []
     for r in mine:
-        entry = done[r["id"]]
-        if "rejected" in entry:
-            rejects.append({"id": r["id"], "path": entry.get("path"), "reason": entry["rejected"],
-                            "stage": entry.get("stage", name)})
-        else:
-            accepted.extend(entry["accepted"])
-    write_jsonl(out / f"manifest{suffix}.jsonl", accepted)
+        for key in dict.fromkeys((r["id"], *parts_of(r))):
+            entry = done.get(key)
+            if entry is None:
+                continue
+            if "rejected" in entry:
+                rejects.append({"id": key, "path": entry.get("path"), "reason": entry["rejected"],
+                                "stage": entry.get("stage", name)})
+            else:
+                accepted.extend(_outputs(entry))
+    if sink is None:
+        write_jsonl(out / f"manifest{suffix}.jsonl", accepted)
     write_jsonl(out / f"rejects{suffix}.jsonl", rejects)
-    summary = {"stage": name, "shard": f"{i}/{n}", "inputs": len(mine), "accepted": len(accepted),
+    count = len(accepted) if sink is None else sum(p in sink.done for r in mine for p in parts_of(r))
+    summary = {"stage": name, "shard": f"{shard[0]}/{shard[1]}", "inputs": len(mine), "accepted": count,
                "rejected": len(rejects), "already_done": skipped}
-    print(f"{name}: {len(mine)} inputs, {len(accepted)} accepted, {len(rejects)} rejected "
-          f"({skipped} already done) -> {out}")
-    for count, example in _grouped(rejects)[:5]:
+    print(f"{name}: {len(mine)} inputs, {count} accepted, {len(rejects)} rejected ({skipped} already done) -> {out}")
+    for n, example in _grouped(rejects)[:5]:
         reason = example["reason"] if len(example["reason"]) <= 160 else example["reason"][:160].rsplit(" ", 1)[0]
-        print(f"  rejected {count}" + (f", e.g. {example['id']}: " if count > 1 else f": {example['id']}: ")
+        print(f"  rejected {n}" + (f", e.g. {example['id']}: " if n > 1 else f": {example['id']}: ")
               + reason + ("" if reason == example["reason"] else " ..."))
     return summary

@@ -12,7 +12,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_tools.stage import read_jsonl
-from megatron_wan.data.shards import ShardReader, file_sha256
+from megatron_wan.data.shards import ShardReader
+from megatron_wan.files import file_sha256
 
 
 def verify(directory) -> dict:

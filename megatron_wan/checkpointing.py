@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_wan.data.shards import file_sha256
+from megatron_wan.files import atomic_write, file_sha256, fsync, publish, remove, temporary
 
 MANIFEST = "manifest.json"
 
@@ -45,20 +45,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _fsync(path) -> None:
-    """Flush a file or directory to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_durably(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def staging(final: Path) -> Path:
+    """The temporary name every rank writes checkpoint `final` under (one name for all ranks)."""
+    return temporary(final, tag="ranks")
 
 
 def _files(directory: Path) -> list[str]:
@@ -91,7 +87,7 @@ def _seal(directory: Path) -> dict:
         files = box[0]
     local = {}
     for name in _my_share(files):
-        _fsync(directory / name)
+        fsync(directory / name)
         local[name] = {"bytes": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
     return {k: v for part in _gathered(local) for k, v in part.items()}
 
@@ -152,10 +148,12 @@ def latest_step(root) -> int:
 def save(root, step: int, engine, trainer_state: dict, rank_state: dict, keep_last: int) -> Path:
     """Write checkpoint `step` (every rank calls this); returns its path."""
     root = Path(root)
-    final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.tmp"
+    final = root / f"step_{step:06d}"
+    tmp = staging(final)
     rank = dist.get_rank()
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for killed in root.glob(".step_*.tmp-*"):  # what a save that was killed left (never read)
+            remove(killed)
         tmp.mkdir(parents=True)
     dist.barrier()
     engine.save(tmp)
@@ -167,16 +165,13 @@ def save(root, step: int, engine, trainer_state: dict, rank_state: dict, keep_la
     if rank == 0:
         _write_durably(tmp / MANIFEST, json.dumps({"files": files}, indent=1))
         for directory in [*(p for p in tmp.rglob("*") if p.is_dir()), tmp]:
-            _fsync(directory)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync(root)
-        pointer = root / ".latest.tmp"
-        _write_durably(pointer, final.name)
-        os.replace(pointer, root / "latest")
+            fsync(directory)
+        publish(tmp, final, durable=False)  # fsynced above, shared out over the ranks
+        fsync(root)
+        atomic_write(root / "latest", final.name)
         for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
             shutil.rmtree(old)
-        _fsync(root)
+        fsync(root)
     dist.barrier()
     return final
 

@@ -14,9 +14,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 
+from megatron_wan.dtypes import DTYPES, TRAINING
 from megatron_wan.models import all_specs, spec_for_preset, task_names
 from megatron_wan.models.wan21.config import WanConfig
 from megatron_wan.models.wan21.lora import DEFAULT_TARGETS
@@ -143,7 +143,7 @@ class Config:
 
 CHOICES = {
     "run.task": task_names(), "run.finetune": ("lora", "full"), "run.engine": ("megatron", "deepspeed"),
-    "run.dtype": ("bf16", "fp32"), "model.layout": ("diffusers", "original"),
+    "run.dtype": TRAINING, "model.layout": ("diffusers", "original"),
     "model.attention_backend": ("auto", "sdpa", "flash", "te"), "model.cp_comm": ("auto", "ring", "ulysses", "te"),
     "model.layer_provider": ("auto", "local", "te"),
     "objective.mode": MODES, "objective.pair_mode": PAIR_MODES, "objective.reference": KINDS,
@@ -275,7 +275,7 @@ def check_cp_comm(cfg: Config, latent_shapes) -> None:
     if heads is None and m.cp_comm == "ulysses":
         return  # a checkpoint's head count is known when the model is loaded (CoreAttention checks it)
     problem = cp_comm_problem(m.cp_comm, m.attention_backend, run.context_parallel, heads or 0, head_dim,
-                              torch.bfloat16 if run.dtype == "bf16" else torch.float32, grids)
+                              DTYPES[run.dtype], grids)
     if problem and m.cp_comm == "ulysses":
         raise ConfigError(f"model.cp_comm: ulysses needs the heads per TP rank ({heads}) divisible by "
                           f"run.context_parallel={run.context_parallel}; use ring")

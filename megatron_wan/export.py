@@ -20,10 +20,7 @@ data-parallel ranks) are read whole in this one process, without pickle for the 
 """
 
 import argparse
-import contextlib
 import json
-import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +29,11 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_wan import checkpointing
+from megatron_wan.dtypes import DTYPES
 from megatron_wan.engines.megatron import ENGINE_DIR, tp_key
+from megatron_wan.files import atomic_path
 from megatron_wan.models import spec_for_preset
 from megatron_wan.models.wan21 import WanConfig, adapter
-from megatron_wan.models.wan21.conditioner import DTYPES
 
 ADAPTER_FORMATS = ("peft", "diffusers", "comfyui")
 FORMATS = ("transformer", *ADAPTER_FORMATS)
@@ -240,21 +238,6 @@ def write_transformer(trained: Trained, dtype, folder: Path, max_shard_size) -> 
                           max_shard_size=max_shard_size)
 
 
-@contextlib.contextmanager
-def _atomic_dir(final: Path):
-    """A temporary folder next to `final`, renamed to it on success (replacing it) and removed on failure."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-
-
 def export(checkpoint, out, formats=None, base=None, dtype: str | None = None, max_shard_size="5GB",
            overwrite: bool = False) -> dict[str, Path]:
     """Write `checkpoint` to `out`/FORMAT for each of `formats` (default: the adapter formats of a LoRA run, the
@@ -281,7 +264,7 @@ def export(checkpoint, out, formats=None, base=None, dtype: str | None = None, m
         adapters = {k: v.to(torch_dtype) for k, v in adapters.items()}
     writers = {"peft": write_peft, "diffusers": write_diffusers, "comfyui": write_comfyui}
     for fmt, final in targets.items():
-        with _atomic_dir(final) as tmp:
+        with atomic_path(final, folder=True) as tmp:
             if fmt == "transformer":
                 write_transformer(trained, torch_dtype, tmp, max_shard_size)
             else:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_wan.config import ConfigError
+from megatron_wan.files import atomic_path
 from megatron_wan.models import spec_for_folder
 from megatron_wan.models import task as task_of
 from megatron_wan.models.wan21.conditioner import pad_text
@@ -113,9 +114,8 @@ def prepare_conditions(cfg, val_dataset, train_shape, encoder_dir, path) -> None
         items = _from_pairs(val_dataset, run.sample_count)
     negative = pad_text(encoders.text([WAN_NEGATIVE_PROMPT])[0], cfg.data.text_len) if guided else None
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"items": items, "negative": negative}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"items": items, "negative": negative}, tmp)
 
 
 class StepSampler:

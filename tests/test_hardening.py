@@ -186,7 +186,7 @@ def test_checkpoints_are_sealed_and_a_bad_newest_one_falls_back(tmp_path, capsys
         data = (newest / name).read_bytes()
         assert manifest[name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
     # every file and folder was fsynced (by one rank or the other) before the folder was renamed into place
-    tmp = os.path.realpath(root / ".step_000002.tmp")
+    tmp = os.path.realpath(checkpointing.staging(newest))
     assert {f"{tmp}/{name}" for name in files} | {tmp, f"{tmp}/engine", f"{tmp}/engine/shards"} <= synced
     assert os.path.realpath(root) in synced
     assert checkpointing.latest(root) == newest

@@ -31,10 +31,9 @@ from pathlib import Path
 import torch
 
 from megatron_wan import parallel
+from megatron_wan.dtypes import DTYPES, TRAINING
 from megatron_wan.models.wan21 import SPEC, WanConfig, WanModel
 from megatron_wan.throughput import peak_flops, step_flops, time_it
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _models(cfg: WanConfig, device):
@@ -143,7 +142,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--grid", type=int, nargs=3, default=(4, 32, 32), help="latent frames, height, width")
     ap.add_argument("--text-len", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds after the warmup round")
-    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    ap.add_argument("--dtypes", nargs="+", choices=TRAINING, default=["fp32", "bf16"])
     ap.add_argument("--out", default="outputs/bench/mfu")
     args = ap.parse_args(argv)
     cfg = WanConfig(dim=args.dim, num_heads=args.heads, ffn_dim=args.ffn, num_layers=args.layers,

@@ -10,12 +10,11 @@ A shard is two files:
 
 A sample's CRC32 (zlib) covers its fields' bytes in field order, padding excluded; `get(key, check=True)` checks
 it as the sample is read (CorruptSample names shard and sample), `verify` checks every sample. The writer writes both
-files under temporary names, fsyncs them, then renames the .bin and, last, the .idx: a shard exists
-exactly when its .idx does. Reading memory-maps the .bin; nothing is pickled.
+files under temporary names (megatron_wan.files), fsyncs them, then renames the .bin and, last, the .idx: a shard
+exists exactly when its .idx does. Reading memory-maps the .bin; nothing is pickled.
 """
 
 import errno
-import hashlib
 import json
 import mmap
 import os
@@ -25,13 +24,13 @@ from collections.abc import Mapping
 
 import torch
 
+from megatron_wan.dtypes import SHARD_CODE, SHARD_CODES
+from megatron_wan.files import publish, remove, stale_temporaries, temporary
+
 MAGIC = b"MWANIDX\0"
 VERSION = 1
 ALIGN = 64
 _HEAD = struct.Struct("<8sIQ")  # magic, version, JSON length
-DTYPES = {name: getattr(torch, name) for name in (
-    "bool", "uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64")}
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 class CorruptSample(ValueError):
@@ -42,20 +41,6 @@ def shard_paths(prefix) -> tuple[str, str]:
     """The (.bin, .idx) paths of the shard at `prefix`."""
     prefix = os.fspath(prefix)
     return prefix + ".bin", prefix + ".idx"
-
-
-def file_sha256(path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _fsync_dir(path):
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
@@ -73,14 +58,18 @@ class ShardWriter:
             json.dumps(self.metadata)
         except (TypeError, ValueError) as e:
             raise TypeError(f"{self.idx_path}: metadata must be JSON-serializable: {e}") from e
-        self._bin = open(self.bin_path + ".tmp", "wb")
+        self._tmp = {path: temporary(path) for path in (self.bin_path, self.idx_path)}
+        for path in self._tmp:  # a killed writer's
+            for stale in stale_temporaries(path):
+                remove(stale)
+        self._bin = open(self._tmp[self.bin_path], "wb")
         self._samples: list[dict] = []
         self._keys: set[str] = set()
         self._size = 0
         self._closed = False
 
     def add(self, key: str, fields: Mapping[str, torch.Tensor]):
-        """Append one sample: a unique string key and {field name: tensor} (any dtype in DTYPES, any shape)."""
+        """Append one sample: a unique string key and {field name: tensor} (any dtype in SHARD_CODES, any shape)."""
         if self._closed:
             raise RuntimeError(f"{self.idx_path}: writer is already finalized or aborted")
         if not isinstance(key, str):
@@ -96,8 +85,8 @@ class ShardWriter:
                 raise TypeError(f"{where}: field names must be str")
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{where}: expected a torch.Tensor, found {type(t).__name__}")
-            if t.dtype not in _DTYPE_NAMES:
-                raise TypeError(f"{where}: dtype {t.dtype} not supported (supported: {', '.join(DTYPES)})")
+            if t.dtype not in SHARD_CODE:
+                raise TypeError(f"{where}: dtype {t.dtype} not supported (supported: {', '.join(SHARD_CODES)})")
             tensors[name] = t.detach().cpu().contiguous()
         crc, entries = 0, {}
         for name, t in tensors.items():
@@ -106,7 +95,7 @@ class ShardWriter:
             self._bin.write(bytes(pad))
             self._size += pad
             self._bin.write(raw)
-            entries[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "offset": self._size,
+            entries[name] = {"dtype": SHARD_CODE[t.dtype], "shape": list(t.shape), "offset": self._size,
                              "nbytes": raw.nbytes}
             crc = zlib.crc32(raw, crc)
             self._size += raw.nbytes
@@ -123,16 +112,15 @@ class ShardWriter:
             self._bin.close()
             index = {"metadata": self.metadata, "bin_size": self._size, "samples": self._samples}
             payload = json.dumps(index, separators=(",", ":")).encode()
-            with open(self.idx_path + ".tmp", "wb") as f:
+            with open(self._tmp[self.idx_path], "wb") as f:
                 f.write(_HEAD.pack(MAGIC, VERSION, len(payload)))
                 f.write(payload)
                 f.flush()
                 os.fsync(f.fileno())
             if os.path.exists(self.idx_path):
                 os.remove(self.idx_path)
-            os.replace(self.bin_path + ".tmp", self.bin_path)
-            os.replace(self.idx_path + ".tmp", self.idx_path)
-            _fsync_dir(self.idx_path)
+            publish(self._tmp[self.bin_path], self.bin_path, durable=False)  # both fsynced above
+            publish(self._tmp[self.idx_path], self.idx_path)
         except BaseException:
             self.abort()
             raise
@@ -144,9 +132,8 @@ class ShardWriter:
             return
         self._closed = True
         self._bin.close()
-        for path in (self.bin_path + ".tmp", self.idx_path + ".tmp"):
-            if os.path.exists(path):
-                os.remove(path)
+        for tmp in self._tmp.values():
+            remove(tmp)
 
     def __enter__(self):
         return self
@@ -187,7 +174,7 @@ class ShardReader:
             self.metadata: dict = index["metadata"]
             bin_size = index["bin_size"]
             self._samples = {
-                s["key"]: (s["crc32"], [(name, DTYPES[f["dtype"]], tuple(f["shape"]), f["offset"], f["nbytes"])
+                s["key"]: (s["crc32"], [(name, SHARD_CODES[f["dtype"]], tuple(f["shape"]), f["offset"], f["nbytes"])
                                         for name, f in s["fields"].items()])
                 for s in index["samples"]}
         except (ValueError, KeyError, TypeError) as e:

@@ -8,7 +8,8 @@ An engine owns the optimizer and the gradient reduction. Its contract:
   result is the sum of the CP shares, averaged over data-parallel ranks.
 - `engine.step(lr)` reduces, measures the global gradient norm, clips, and steps the optimizer unless the norm
   is not finite (every rank sees the same norm, so all skip together); returns (grad_norm, stepped).
-- `engine.state_dict()` / `load_state_dict()`: trainable weights and optimizer state of this rank.
+- `engine.save(directory)` / `engine.load(directory)`: the trainable weights and optimizer state, every rank's part,
+  written to and read from a checkpoint directory (every rank calls them; megatron_wan.checkpointing does).
 """
 
 

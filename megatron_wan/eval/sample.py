@@ -60,6 +60,7 @@ def sample_method(sampler, items: list[dict], out: Path, args) -> int:
     import torch.distributed as dist
     from PIL import Image
 
+    from megatron_wan.files import atomic_path
     from megatron_wan.sampling import SamplingConfig, save_video
 
     config = SamplingConfig(args.solver, args.steps, args.shift, args.guidance_scale)
@@ -77,9 +78,8 @@ def sample_method(sampler, items: list[dict], out: Path, args) -> int:
             shape = sampler.latent_shape(args.frames, image.height, image.width)
             video = sampler.decode(sampler.sample(cond, shape, [args.seed + 1000 * i + k], config))[0]
             if dist.get_rank() == 0:
-                tmp = path.with_name(f".{path.stem}.tmp.mp4")
-                save_video(tmp, video, sampler.geometry.fps)
-                tmp.replace(path)
+                with atomic_path(path) as tmp:
+                    save_video(tmp, video, sampler.geometry.fps)
             written += 1
     if dist.get_rank() == 0:
         (out / "prompts.json").write_text(json.dumps(prompts, ensure_ascii=False, indent=1), encoding="utf-8")

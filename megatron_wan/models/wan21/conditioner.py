@@ -25,7 +25,6 @@ import torch
 from megatron_wan.models.wan21.config import WanConfig
 
 TEXT_LEN = 512  # Wan's umT5 context length
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # command-line names
 FPS = 16  # Wan 2.1's frame rate: what it was trained on and samples at
 COMPONENTS = {"t2v": ("tokenizer", "text_encoder", "vae"),
               "i2v": ("tokenizer", "text_encoder", "vae", "image_encoder", "image_processor")}
