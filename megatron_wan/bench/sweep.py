@@ -82,20 +82,23 @@ class Result:
     state: int | None  # bytes of weights + gradients + optimizer state, the largest rank (megatron engine)
 
 
-def write_dataset(out: Path, grid, pairs: int = 8, seed: int = 0, task: str = "t2v") -> Path:
+def write_dataset(out: Path, grid, pairs: int = 8, seed: int = 0, task: str = "t2v", buckets=()) -> Path:
     """An encoded dataset of `pairs` pairs of random latents [16, *grid] in `data_tools encode`'s layout (I2V: with
-    the winner's CLIP tokens and conditioning latent, for the `tiny-i2v` preset)."""
+    the winner's CLIP tokens and conditioning latent, for the `tiny-i2v` preset). With `buckets` (more grids),
+    pair i has grid i of [grid, *buckets], cyclically: a multi-resolution dataset."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = preset(PRESET if task == "t2v" else "tiny-i2v")
     g = torch.Generator().manual_seed(seed)
+    grids = [tuple(grid), *map(tuple, buckets)]
     with ShardWriter(out / "shard-00000", metadata={"synthetic": True}) as w:
         for i in range(pairs):
+            shape = grids[i % len(grids)]
             for side in ("win", "lose"):
-                sample = {"latent": torch.randn(LATENT_CHANNELS, *grid, generator=g),
+                sample = {"latent": torch.randn(LATENT_CHANNELS, *shape, generator=g),
                           "text_emb": torch.randn(TEXT_TOKENS, cfg.text_dim, generator=g)}
                 if task == "i2v" and side == "win":
                     sample["clip_emb"] = torch.randn(257, cfg.image_dim, generator=g)
-                    sample["cond_latent"] = torch.randn(cfg.in_dim - cfg.out_dim, *grid, generator=g)
+                    sample["cond_latent"] = torch.randn(cfg.in_dim - cfg.out_dim, *shape, generator=g)
                 w.add(f"{side}{i}", sample)
     records = [{"id": f"pair{i}", "winner": {"id": f"win{i}"}, "loser": {"id": f"lose{i}"}, "split": "train"}
                for i in range(pairs)]
