@@ -1,11 +1,12 @@
 """The training setups side by side: one Reg-DPO recipe changed one setting at a time, every figure measured in one run.
 
-    python -m megatron_wan.bench sweep [--out outputs/bench/sweep] [--grid 8 32 32] [--steps 5] [--quick]
+    python -m megatron_wan.bench sweep [--out outputs/bench/sweep] [--grid 8 32 32] [--steps 5] [--quick] [--compile]
 
 Rows: the engine (megatron vs DeepSpeed ZeRO-3 with parameters and optimizer offloaded), pair_mode (batched,
 sequential, ranks), context parallel size (1, 2, 4), activation checkpointing (off, on), the reference (adapter,
-copy, copy_offload) and FSDP2 sharding (run.dp_shard 2, LoRA and full fine-tune). The baseline is megatron,
-batched, CP=1, no checkpointing, adapter, replicated (dp_shard 1).
+copy, copy_offload), FSDP2 sharding (run.dp_shard 2, LoRA and full fine-tune) and, with --compile,
+model.compile (without and with checkpointing; compiled in the warmup steps, before anything is timed). The
+baseline is megatron, batched, CP=1, no checkpointing, adapter, replicated (dp_shard 1).
 
 Each row is the training stack itself (Trainer: PairDataset, engine, objective) with the `tiny` preset, LoRA, fp32,
 one pair per data-parallel rank, on local processes (launch.local.run_local; gloo on CPU, where the processes share
@@ -70,6 +71,13 @@ ROWS = (
     Row("dp-shard-2", "FSDP2 dp_shard 2: LoRA base, adapters, gradients, AdamW sharded", ("run.dp_shard=2",)),
     Row("full", "full fine-tune (reference: frozen copy), replicated", FULL),
     Row("full-dp-shard-2", "full fine-tune, FSDP2 dp_shard 2 (policy and copy sharded)", (*FULL, "run.dp_shard=2")),
+)
+
+
+COMPILE_ROWS = (  # with --compile (Inductor's compile time is long on a CPU)
+    Row("compile", "model.compile: each block's forward compiled (torch.compile)", ("model.compile=true",)),
+    Row("compile-recompute", "model.compile with activation checkpointing", ("model.compile=true",
+                                                                             "model.recompute=true")),
 )
 
 
@@ -268,12 +276,15 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--text-len", type=int, default=128, help="text tokens the model attends to (data.text_len)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per row")
-    ap.add_argument("--rows", nargs="+", choices=[r.name for r in ROWS], help="a subset (the baseline is added)")
+    ap.add_argument("--rows", nargs="+", choices=[r.name for r in ROWS + COMPILE_ROWS],
+                    help="a subset (the baseline is added)")
+    ap.add_argument("--compile", action="store_true", help="add the model.compile rows")
     ap.add_argument("--quick", action="store_true", help="a small grid, 1 warmup and 2 timed steps (tests)")
     args = ap.parse_args(argv)
     if args.quick:
         args.grid, args.text_len, args.warmup, args.steps = (4, 8, 8), 32, 1, 2
-    rows = [r for r in ROWS if r.name == "baseline" or not args.rows or r.name in args.rows]
+    rows = [r for r in ROWS + (COMPILE_ROWS if args.compile else ())
+            if r.name == "baseline" or not args.rows or r.name in args.rows]
     out = Path(args.out)
     started = time.perf_counter()
     data = write_dataset(out / "data", args.grid)
