@@ -21,7 +21,7 @@ STEPS = 3
 
 def _compare(config: str, overrides: list, out: str, steps: int) -> list[dict]:
     """Per step: the eager and compiled losses, the batch's latent grid, this process's compile counters after it."""
-    from megatron_wan.compile import compile_stats, is_compiled
+    from megatron_wan.compile import is_compiled, watch_recompiles
     from megatron_wan.train import Trainer
 
     trainers = {name: Trainer(load_config(config, [*overrides, f"run.output_dir={out}/{name}",
@@ -35,17 +35,21 @@ def _compare(config: str, overrides: list, out: str, steps: int) -> list[dict]:
             grids.append(list(micro[0].win.shape[2:]))
             return micro
         trainer._micro_batches = record
+    log = watch_recompiles()
     rows = []
     for _ in range(steps):
-        row = {}
+        row, logged, metrics = {}, len(log.lines), {}
         for name, trainer in trainers.items():
-            metrics = trainer.train_step()
-            row[name] = metrics["loss"]
-            row[f"{name}_errors"] = [metrics[k] for k in ERRORS]
+            metrics[name] = trainer.train_step()
+            row[name] = metrics[name]["loss"]
+            row[f"{name}_errors"] = [metrics[name][k] for k in ERRORS]
             trainer.step += 1
         eager_grid, compiled_grid = grids[-2:]
         assert eager_grid == compiled_grid  # the same data order
-        rows.append({**row, "grid": compiled_grid, **compile_stats()})
+        assert "compile_graphs" not in metrics["eager"]
+        counters = metrics["compiled"]  # the trainer's step metrics: this process's compile counters
+        rows.append({**row, "grid": compiled_grid, "graphs": counters["compile_graphs"],
+                     "recompiles": counters["recompiles"], "reasons": log.lines[logged:]})
     return rows
 
 
@@ -86,6 +90,8 @@ def test_compiled_equals_eager_i2v_lora_two_buckets(tmp_path):
         else:
             seen.add(grid)
             added[grid] = r["graphs"] - before
+            if len(seen) == 2:  # logged, with dynamo's reason
+                assert any("size mismatch" in line for line in r["reasons"]), r["reasons"]
         before = r["graphs"]
     assert len(added) == 2, f"expected both bucket shapes in {rows}"
     first, second = added.values()
