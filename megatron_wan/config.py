@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_wan.compile import MODES as COMPILE_MODES
 from megatron_wan.dtypes import DTYPES, TRAINING
 from megatron_wan.models import all_specs, spec_for_preset, task_names
 from megatron_wan.models.wan21.config import WanConfig
@@ -39,6 +40,8 @@ class ModelConfig:
     layer_provider: str = "auto"  # "local" (megatron-core linears), "te" (Transformer Engine); auto as above
     cp_comm: str = "auto"  # "ring", "ulysses", "te", "auto"
     recompute: bool = False  # activation checkpointing per block
+    compile: bool = False  # regional torch.compile: each block's forward compiled on its own (megatron_wan.compile)
+    compile_mode: str = "default"  # torch.compile mode: "default" or "max-autotune-no-cudagraphs"
     init_seed: int = 0
 
 
@@ -145,7 +148,7 @@ CHOICES = {
     "run.task": task_names(), "run.finetune": ("lora", "full"), "run.engine": ("megatron", "deepspeed"),
     "run.dtype": TRAINING, "model.layout": ("diffusers", "original"),
     "model.attention_backend": ("auto", "sdpa", "flash", "te"), "model.cp_comm": ("auto", "ring", "ulysses", "te"),
-    "model.layer_provider": ("auto", "local", "te"),
+    "model.layer_provider": ("auto", "local", "te"), "model.compile_mode": COMPILE_MODES,
     "objective.mode": MODES, "objective.pair_mode": PAIR_MODES, "objective.reference": KINDS,
     "objective.timestep_sampling": ("uniform", "logit_normal"), "optim.schedule": ("constant", "cosine"),
     "data.on_corrupt": ("abort", "skip"),
@@ -173,6 +176,7 @@ RANGES = {
 RESUME_FIXED = ("objective", "model", "lora", "data", "run.task", "run.finetune", "run.seed", "run.dtype",
                 "run.batch_size", "run.engine", "optim.betas", "optim.eps", "optim.weight_decay")
 RESUME_FREE = ("model.attention_backend", "model.layer_provider", "model.cp_comm", "model.recompute",
+               "model.compile", "model.compile_mode",
                "data.num_workers", "data.prefetch", "data.val_pairs", "data.on_corrupt")
 
 
@@ -333,6 +337,9 @@ def validate(cfg: Config, world_size: int | None = None, latent_shapes=None) -> 
                           f"{run.dp_shard}")
     if run.engine == "deepspeed" and run.dp_shard != 1:
         raise ConfigError("run.dp_shard: the deepspeed engine shards with ZeRO-3; use 1")
+    if run.engine == "deepspeed" and cfg.model.compile:
+        raise ConfigError("model.compile: the deepspeed engine gathers ZeRO-3 parameters in hooks on every layer "
+                          "inside the block, which a compiled block would trace; use run.engine=megatron")
     if run.global_batch_size is not None and run.global_batch_size < 1:
         raise ConfigError(f"run.global_batch_size: expected >= 1, found {run.global_batch_size}")
     if obj.pair_mode == "ranks" and run.context_parallel != 1:

@@ -24,6 +24,7 @@ from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
 from megatron_wan import checkpointing, parallel, preemption, train_samples
+from megatron_wan.compile import compile_blocks, compile_stats, watch_recompiles
 from megatron_wan.config import (
     Config,
     ConfigError,
@@ -115,6 +116,11 @@ class Trainer:
                         p.data = p.data.to(torch.bfloat16)
         self.reference = make_reference(cfg.objective.reference, model) if cfg.objective.mode != "sft" else None
         frozen_copy = self.reference.model if cfg.objective.reference == "copy" and self.reference else None
+        if cfg.model.compile:  # after LoRA (and the reference copy), before FSDP2 shards the blocks
+            watch_recompiles(echo=lambda line: self._report(f"recompile: {line}"))
+            ref = self.reference.model if self.reference else model  # adapter: the policy itself
+            for m in (model,) if ref is model else (model, ref):
+                compile_blocks(m, cfg.model.compile_mode)
         self.engine = build_engine(cfg, model, frozen_copy)
         self.wan = model.wan
         self.description = spec_for_preset(cfg.model.preset).parameters(self.wan)  # step FLOPs derive from it
@@ -245,6 +251,10 @@ class Trainer:
                        tokens_per_s=videos * self.description.video_tokens(batch.win.shape[2:]) / seconds,
                        tflops=flops * self.dp_size / seconds / 1e12, mfu=per_device / self.peak,
                        peak_memory_gb=_peak_memory_gb(), skipped=int(not stepped))
+        if self.cfg.model.compile:
+            stats = compile_stats()  # of this process, so a sum over the compiled models it holds
+            metrics.update(compile_graphs=stats["graphs"], recompiles=stats["recompiles"],
+                           compile_seconds=stats["seconds"])
         return metrics
 
     # -- the run -----------------------------------------------------------------------------------

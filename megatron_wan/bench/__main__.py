@@ -2,6 +2,8 @@
 
     sweep              training setups side by side (engine, pair_mode, CP, recompute, reference): table + chart
     mfu                MFU of a compute-bound step in fp32 and bf16, ours vs diffusers' WanTransformer3DModel
+                       (--compile: and with model.compile)
+    compile_time       compile seconds of one Wan block under model.compile at a preset's 480p latent grid
     plan               memory and throughput planner for the real presets on H100 / H200
     fsdp_memory        exact bytes per rank of parameters, gradients, optimizer state at run.dp_shard 1/2/4
     activation_memory  bytes saved for backward per rank under CP 1/2/4; ring vs Ulysses step time

@@ -48,8 +48,10 @@ def _models(cfg: WanConfig, device):
     return theirs.to(device), ours.to(device)
 
 
-def _regdpo_step(ours: WanModel, inputs):
-    """A closure running one Reg-DPO step of the training stack on a pair built from `inputs` (it trains `ours`)."""
+def _regdpo_step(ours: WanModel, inputs, compile_mode: str | None = None):
+    """A closure running one Reg-DPO step of the training stack on a pair built from `inputs` (it trains `ours`);
+    with `compile_mode`, the policy's and the reference's blocks compiled as the Trainer does (model.compile)."""
+    from megatron_wan.compile import compile_blocks
     from megatron_wan.config import Config, ObjectiveConfig, RunConfig
     from megatron_wan.engines import build_engine
     from megatron_wan.objectives.flow_matching import FlowMatching
@@ -59,6 +61,9 @@ def _regdpo_step(ours: WanModel, inputs):
     x, _, text = inputs
     cfg = Config(run=RunConfig(finetune="full"), lora=None, objective=ObjectiveConfig(reference="copy"))
     reference = make_reference("copy", ours)
+    if compile_mode:
+        compile_blocks(ours, compile_mode)
+        compile_blocks(reference.model, compile_mode)
     engine = build_engine(cfg, ours)
     objective = PairObjective(FlowMatching(), "regdpo", pair_mode="batched")
     batch = PairBatch(x, torch.randn_like(x), Conditions(text), [0])
@@ -83,8 +88,23 @@ def _forward_backward(model, inputs, diffusers: bool):
     return step
 
 
-def measure(cfg: WanConfig, grid, text_len: int, dtypes, rounds: int, device=None) -> dict:
-    """{dtype: {name: {"seconds", "flops", "mfu"} for diffusers, ours, regdpo; "peak": FLOP/s, "peak_source"}}."""
+def _profile(step, device, rows: int = 12) -> str:
+    """torch.profiler's table of one call of `step` (warm): the ops taking the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+
+
+def measure(cfg: WanConfig, grid, text_len: int, dtypes, rounds: int, device=None, compiled: bool = False,
+            mode: str = "default", profile: bool = False) -> dict:
+    """{dtype: {name: {"seconds", "flops", "mfu"} for diffusers, ours, regdpo (and with `compiled`: ours_compiled,
+    regdpo_compiled, and "compile": seconds and graphs of the warmup round); "peak": FLOP/s, "peak_source"}}."""
+    from megatron_wan.compile import compile_blocks, compile_stats
+
     parallel.initialize()
     device = device or parallel.default_device()
     g = torch.Generator().manual_seed(1)
@@ -93,15 +113,22 @@ def measure(cfg: WanConfig, grid, text_len: int, dtypes, rounds: int, device=Non
     theirs, ours = _models(cfg, device)
     description = SPEC.parameters(cfg)
     forward_backward = 3 * description.forward_flops(grid, text_len)["total"]
+    regdpo = step_flops(description, grid, text_len, 1)["total"]
     work = {"diffusers": (_forward_backward(theirs, inputs, True), forward_backward),
             "ours": (_forward_backward(ours, inputs, False), forward_backward),
-            "regdpo": (_regdpo_step(ours, inputs), step_flops(description, grid, text_len, 1)["total"])}
+            "regdpo": (_regdpo_step(ours, inputs), regdpo)}
+    if compiled:  # the same weights, blocks compiled (the Reg-DPO step's reference copy is compiled too)
+        twin = WanModel.from_diffusers(theirs, attention_backend=cfg.attention_backend).to(device)
+        twin_step = WanModel.from_diffusers(theirs, attention_backend=cfg.attention_backend).to(device)
+        work["ours_compiled"] = (_forward_backward(compile_blocks(twin, mode), inputs, False), forward_backward)
+        work["regdpo_compiled"] = (_regdpo_step(twin_step, inputs, compile_mode=mode), regdpo)
     results = {}
     for name in dtypes:
         dtype = DTYPES[name]
         times = {k: [] for k in work}
         peak, source = 0.0, ""
-        for r in range(rounds + 1):  # round 0 warms up
+        before = compile_stats()
+        for r in range(rounds + 1):  # round 0 warms up (and compiles)
             p, source = peak_flops(dtype)
             peak = max(peak, p) if r else peak
             order = list(work) if r % 2 else list(reversed(work))  # who goes first alternates
@@ -110,10 +137,20 @@ def measure(cfg: WanConfig, grid, text_len: int, dtypes, rounds: int, device=Non
                     seconds = time_it(work[key][0], repeats=1, warmup=0)
                 if r:
                     times[key].append(seconds)
+            if r == 0:
+                after = compile_stats()
         paired = statistics.median(d / o for d, o in zip(times["diffusers"], times["ours"]))
         results[name] = {"peak": peak, "peak_source": source, "ours_vs_diffusers_paired": paired, **{
             key: {"seconds": min(times[key]), "flops": flops, "mfu": flops / min(times[key]) / peak}
             for key, (_, flops) in work.items()}}
+        if compiled:
+            results[name]["compile"] = {"seconds": after["seconds"] - before["seconds"],
+                                        "graphs": after["graphs"] - before["graphs"],
+                                        "recompiles_after_warmup": compile_stats()["recompiles"] - after["recompiles"]}
+        if profile:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                results[name]["profile"] = {key: _profile(work[key][0], device)
+                                            for key in ("regdpo", "regdpo_compiled") if key in work}
     return results
 
 
@@ -128,6 +165,20 @@ def table(results: dict) -> str:
     lines.append("")
     lines.append("best: MFU ratio of the fastest times; paired: the median over rounds of diffusers' time over ours "
                  "in the same round (> 1: ours faster)")
+    if all("compile" in r for r in results.values()):
+        lines += ["", "| dtype | compiled s | compiled MFU | compiled / eager | compiled / diffusers | Reg-DPO "
+                  "compiled s | Reg-DPO compiled MFU | Reg-DPO compiled / eager | compile s | graphs | recompiles "
+                  "after warmup |", "|---" * 12 + "|"]
+        for name, r in results.items():
+            d, o, c, s, sc, k = (r[key] for key in ("diffusers", "ours", "ours_compiled", "regdpo",
+                                                    "regdpo_compiled", "compile"))
+            lines.append(f"| {name} | {c['seconds']:.3f} | {c['mfu']:.3f} | {o['seconds'] / c['seconds']:.3f} "
+                         f"| {d['seconds'] / c['seconds']:.3f} | {sc['seconds']:.3f} | {sc['mfu']:.3f} "
+                         f"| {s['seconds'] / sc['seconds']:.3f} | {k['seconds']:.1f} | {k['graphs']} "
+                         f"| {k['recompiles_after_warmup']} |")
+        lines.append("")
+        lines.append("compiled: model.compile (each block's forward by torch.compile); x / y: y's speed-up over x "
+                     "(best times); compile s and graphs: the warmup round's, every compiled model of that dtype")
     return "\n".join(lines)
 
 
@@ -143,12 +194,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--text-len", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds after the warmup round")
     ap.add_argument("--dtypes", nargs="+", choices=TRAINING, default=["fp32", "bf16"])
+    ap.add_argument("--compile", action="store_true", help="also the same model with model.compile (and its "
+                    "Reg-DPO step)")
+    ap.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"))
+    ap.add_argument("--profile", action="store_true", help="torch.profiler's top ops of the (compiled) Reg-DPO step")
     ap.add_argument("--out", default="outputs/bench/mfu")
     args = ap.parse_args(argv)
     cfg = WanConfig(dim=args.dim, num_heads=args.heads, ffn_dim=args.ffn, num_layers=args.layers,
                     text_dim=args.text_dim, attention_backend="auto")
     started, load = time.perf_counter(), os.getloadavg()[0]
-    results = measure(cfg, args.grid, args.text_len, args.dtypes, args.rounds)
+    results = measure(cfg, args.grid, args.text_len, args.dtypes, args.rounds, compiled=args.compile,
+                      mode=args.compile_mode, profile=args.profile)
     peaks = "; ".join(f"{r['peak_source']}" for r in results.values())
     tokens = SPEC.parameters(cfg).video_tokens(args.grid)
     title = (f"dim {cfg.dim}, {cfg.num_heads} heads (head dim {cfg.head_dim}), ffn {cfg.ffn_dim}, "
@@ -156,6 +212,9 @@ def main(argv=None) -> dict:
              f"batch 1 (Reg-DPO: 1 pair); best of {args.rounds} rounds; peak: {peaks}; {torch.get_num_threads()} "
              f"threads, load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     text = f"# MFU, one run\n\n{title}\n\n{table(results)}\n"
+    for name, r in results.items():
+        for key, ops in r.get("profile", {}).items():
+            text += f"\n## {key}, {name}: top ops (torch.profiler, one warm step)\n\n```\n{ops}\n```\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "mfu.md").write_text(text)

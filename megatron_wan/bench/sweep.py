@@ -1,11 +1,12 @@
 """The training setups side by side: one Reg-DPO recipe changed one setting at a time, every figure measured in one run.
 
-    python -m megatron_wan.bench sweep [--out outputs/bench/sweep] [--grid 8 32 32] [--steps 5] [--quick]
+    python -m megatron_wan.bench sweep [--out outputs/bench/sweep] [--grid 8 32 32] [--steps 5] [--quick] [--compile]
 
 Rows: the engine (megatron vs DeepSpeed ZeRO-3 with parameters and optimizer offloaded), pair_mode (batched,
 sequential, ranks), context parallel size (1, 2, 4), activation checkpointing (off, on), the reference (adapter,
-copy, copy_offload) and FSDP2 sharding (run.dp_shard 2, LoRA and full fine-tune). The baseline is megatron,
-batched, CP=1, no checkpointing, adapter, replicated (dp_shard 1).
+copy, copy_offload), FSDP2 sharding (run.dp_shard 2, LoRA and full fine-tune) and, with --compile,
+model.compile (without and with checkpointing; compiled in the warmup steps, before anything is timed). The
+baseline is megatron, batched, CP=1, no checkpointing, adapter, replicated (dp_shard 1).
 
 Each row is the training stack itself (Trainer: PairDataset, engine, objective) with the `tiny` preset, LoRA, fp32,
 one pair per data-parallel rank, on local processes (megatron_wan.parallel.local.run_local; gloo on CPU, where the
@@ -73,6 +74,13 @@ ROWS = (
 )
 
 
+COMPILE_ROWS = (  # with --compile (Inductor's compile time is long on a CPU)
+    Row("compile", "model.compile: each block's forward compiled (torch.compile)", ("model.compile=true",)),
+    Row("compile-recompute", "model.compile with activation checkpointing", ("model.compile=true",
+                                                                             "model.recompute=true")),
+)
+
+
 @dataclass
 class Result:
     row: Row
@@ -82,20 +90,23 @@ class Result:
     state: int | None  # bytes of weights + gradients + optimizer state, the largest rank (megatron engine)
 
 
-def write_dataset(out: Path, grid, pairs: int = 8, seed: int = 0, task: str = "t2v") -> Path:
+def write_dataset(out: Path, grid, pairs: int = 8, seed: int = 0, task: str = "t2v", buckets=()) -> Path:
     """An encoded dataset of `pairs` pairs of random latents [16, *grid] in `data_tools encode`'s layout (I2V: with
-    the winner's CLIP tokens and conditioning latent, for the `tiny-i2v` preset)."""
+    the winner's CLIP tokens and conditioning latent, for the `tiny-i2v` preset). With `buckets` (more grids),
+    pair i has grid i of [grid, *buckets], cyclically: a multi-resolution dataset."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = preset(PRESET if task == "t2v" else "tiny-i2v")
     g = torch.Generator().manual_seed(seed)
+    grids = [tuple(grid), *map(tuple, buckets)]
     with ShardWriter(out / "shard-00000", metadata={"synthetic": True}) as w:
         for i in range(pairs):
+            shape = grids[i % len(grids)]
             for side in ("win", "lose"):
-                sample = {"latent": torch.randn(LATENT_CHANNELS, *grid, generator=g),
+                sample = {"latent": torch.randn(LATENT_CHANNELS, *shape, generator=g),
                           "text_emb": torch.randn(TEXT_TOKENS, cfg.text_dim, generator=g)}
                 if task == "i2v" and side == "win":
                     sample["clip_emb"] = torch.randn(257, cfg.image_dim, generator=g)
-                    sample["cond_latent"] = torch.randn(cfg.in_dim - cfg.out_dim, *grid, generator=g)
+                    sample["cond_latent"] = torch.randn(cfg.in_dim - cfg.out_dim, *shape, generator=g)
                 w.add(f"{side}{i}", sample)
     records = [{"id": f"pair{i}", "winner": {"id": f"win{i}"}, "loser": {"id": f"lose{i}"}, "split": "train"}
                for i in range(pairs)]
@@ -265,12 +276,15 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--text-len", type=int, default=128, help="text tokens the model attends to (data.text_len)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per row")
-    ap.add_argument("--rows", nargs="+", choices=[r.name for r in ROWS], help="a subset (the baseline is added)")
+    ap.add_argument("--rows", nargs="+", choices=[r.name for r in ROWS + COMPILE_ROWS],
+                    help="a subset (the baseline is added)")
+    ap.add_argument("--compile", action="store_true", help="add the model.compile rows")
     ap.add_argument("--quick", action="store_true", help="a small grid, 1 warmup and 2 timed steps (tests)")
     args = ap.parse_args(argv)
     if args.quick:
         args.grid, args.text_len, args.warmup, args.steps = (4, 8, 8), 32, 1, 2
-    rows = [r for r in ROWS if r.name == "baseline" or not args.rows or r.name in args.rows]
+    rows = [r for r in ROWS + (COMPILE_ROWS if args.compile else ())
+            if r.name == "baseline" or not args.rows or r.name in args.rows]
     out = Path(args.out)
     started = time.perf_counter()
     data = write_dataset(out / "data", args.grid)

@@ -55,13 +55,16 @@ class LoRAParallelLinear(nn.Module):
         split.tensor_model_parallel, split.partition_dim = tp > 1, 0 if self.column else 1
         self.scaling = alpha / rank
         self.disabled = False
+        self.tp, self.tp_group = tp, parallel.tp_group()
 
     def forward(self, x):
         out, bias = self.base_layer(x)
         if self.disabled:
             return out, bias
         h = self.lora_A(x)
-        h = copy_to_tensor_model_parallel_region(h) if self.column else reduce_from_tensor_model_parallel_region(h)
+        if self.tp > 1:  # identities without TP: skipped, so that a compiled block does not break its graph here
+            region = copy_to_tensor_model_parallel_region if self.column else reduce_from_tensor_model_parallel_region
+            h = region(h, group=self.tp_group)
         return out + self.lora_B(h) * self.scaling, bias
 
 
