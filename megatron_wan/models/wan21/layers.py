@@ -121,7 +121,7 @@ class WanBlock(MegatronModule):
                            if wan.cross_attn_norm else nn.Identity())
         self.cross_attention = build_module(submodules.cross_attention, config=config,
                                             attention_backend=wan.attention_backend, cross=True,
-                                            image=wan.is_i2v, qk_norm=wan.qk_norm)
+                                            image=wan.has_image_tokens, qk_norm=wan.qk_norm)
         self.norm3 = build_module(submodules.adaln_norm, dim, eps, elementwise_affine=False)
         self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size,
                                 tp_group=parallel.tp_group())

@@ -35,7 +35,7 @@ class WanModel(MegatronModule):
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
         self.time = TimeEmbedding(config.freq_dim, dim)
         self.text_embedding = TwoLayerMLP(config.text_dim, dim, dim, partial(F.gelu, approximate="tanh"))
-        self.image_embedding = ImageEmbedding(config.image_dim, dim) if config.is_i2v else None
+        self.image_embedding = ImageEmbedding(config.image_dim, dim) if config.has_image_tokens else None
         spec = block_spec(config.layer_provider)
         self.blocks = nn.ModuleList(build_module(spec, config=tconfig, wan=config) for _ in range(config.num_layers))
         self.head = Head(dim, config.out_dim * math.prod(config.patch_size), config.eps)
@@ -71,17 +71,17 @@ class WanModel(MegatronModule):
         cfg = self.wan
         if text_emb.ndim != 3 or text_emb.shape[-1] != cfg.text_dim:
             raise ValueError(f"WanModel text_emb: expected [B, L, {cfg.text_dim}], found {list(text_emb.shape)}")
-        if cfg.is_i2v and (clip_emb is None or clip_emb.shape[-1] != cfg.image_dim):
+        if cfg.has_image_tokens and (clip_emb is None or clip_emb.shape[-1] != cfg.image_dim):
             found = None if clip_emb is None else list(clip_emb.shape)
             raise ValueError(f"WanModel clip_emb: I2V expects [B, 257, {cfg.image_dim}], found {found}")
-        if not cfg.is_i2v and clip_emb is not None:
+        if not cfg.has_image_tokens and clip_emb is not None:
             raise ValueError("WanModel clip_emb: this is a T2V model; it takes no CLIP image tokens")
         dtype = self.text_embedding.linear_1.weight.dtype
         temb, t_mod = self.time(timestep)
         # contiguous: with several samples a transposed [L, B, dim] is not foldable to 2D, and torch.matmul inside
         # megatron-core's linear then runs a batched matmul over a weight expanded L times
         context = self.text_embedding(text_emb.to(dtype)).transpose(0, 1).contiguous()
-        image = self.image_embedding(clip_emb.to(dtype)).transpose(0, 1).contiguous() if cfg.is_i2v else None
+        image = self.image_embedding(clip_emb.to(dtype)).transpose(0, 1).contiguous() if cfg.has_image_tokens else None
         return temb, t_mod, context, image
 
     def run_blocks(self, tokens, context, image, t_mod, rope, shard=None):
