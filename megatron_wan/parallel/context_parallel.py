@@ -98,6 +98,18 @@ class FrameShard:
             part = torch.cat([part, pad], dim=2)
         return part.contiguous()  # its own storage: the graph keeps this rank's frames, not the whole input
 
+    def local_tokens(self, values: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens of per-token values [B, f*h*w, ...] of the whole video (frame-major, as the tokens),
+        zero-padded at the video's tail: [B, tokens_per_rank, ...]."""
+        if self.size == 1:
+            return values
+        start = self.first_frame * self.grid[1] * self.grid[2]
+        part = values[:, start:start + self.tokens_per_rank]
+        if part.shape[1] < self.tokens_per_rank:
+            pad = values.new_zeros(values.shape[0], self.tokens_per_rank - part.shape[1], *values.shape[2:])
+            part = torch.cat([part, pad], dim=1)
+        return part
+
 
 # -- collectives with the autograd rules CP needs ---------------------------------------------------
 
