@@ -9,8 +9,10 @@ from wan_reference import inputs, perturbed_reference, rel_err
 from launch.local import run_local
 from megatron_wan import parallel
 from megatron_wan.model import WanModel
-from megatron_wan.models.wan21.adapter import rename
-from megatron_wan.models.wan22 import PRESETS, preset
+from megatron_wan.models.wan21.adapter import rename, split_tp
+from megatron_wan.models.wan22 import DIFFUSERS_FOLDERS, EXPERTS, HIGH_NOISE, LOW_NOISE, PRESETS, SPEC, preset
+from megatron_wan.models.wan22.adapter import FolderInfo, folder_info
+from megatron_wan.models.wan22.tiny import write_original_transformers
 
 TINY = [name for name in PRESETS if name.startswith("tiny-")]
 
@@ -136,3 +138,73 @@ def test_context_parallel_with_uneven_frames_matches_diffusers():
         for k in ranks[0][name][2]:  # the CP gradient reduction sums the ranks' parameter gradients
             summed = ranks[0][name][2][k] + ranks[1][name][2][k]
             assert rel_err(summed, ref_grads[rename(k, "diffusers")].grad) < 1e-5, (name, k)
+
+
+# -- loading: diffusers folders (transformer, transformer_2) and the original layout, TP slices --------------------
+
+@pytest.fixture(scope="module")
+def original(wan22_models, tmp_path_factory):
+    """The same tiny transformers in the original Wan-AI layout (high_noise_model/, low_noise_model/)."""
+    root = tmp_path_factory.mktemp("wan22-original")
+    return {task: write_original_transformers(folder, root / task) for task, folder in wan22_models.items()}
+
+
+def _diffusers_weights(folder, sub):
+    from diffusers import WanTransformer3DModel
+
+    ref = WanTransformer3DModel.from_pretrained(folder, subfolder=sub)
+    return ref, {k: v for k, v in ref.state_dict().items()}
+
+
+@pytest.mark.parametrize("task", ["t2v-a14b", "i2v-a14b", "ti2v"])
+def test_each_expert_loads_from_both_layouts(wan22_models, original, task):
+    info = folder_info(wan22_models[task])
+    assert folder_info(original[task]) == FolderInfo("original", info.experts, info.boundary_ratio,
+                                                     info.expand_timesteps)
+    assert (info.experts, info.boundary_ratio, info.expand_timesteps) == {
+        "t2v-a14b": (EXPERTS, 0.875, False), "i2v-a14b": (EXPERTS, 0.9, False), "ti2v": ((), None, True)}[task]
+    loaded = {}
+    for expert in info.experts or (None,):
+        ref, _ = _diffusers_weights(wan22_models[task], DIFFUSERS_FOLDERS[expert or HIGH_NOISE])
+        ours = SPEC.adapter.load(WanModel, wan22_models[task], "diffusers", {}, expert=expert).eval()
+        from_original = SPEC.adapter.load(WanModel, original[task], None, {"expert": expert}).eval()
+        assert ours.wan == from_original.wan
+        assert ours.wan.expand_timesteps == info.expand_timesteps and ours.wan.is_i2v == (task == "i2v-a14b")
+        theirs = from_original.state_dict()
+        for k, v in ours.state_dict().items():
+            assert k.endswith("_extra_state") or torch.equal(v, theirs[k]), k
+        x, t, text, _ = inputs(ours.wan, (2, 2, 2), timesteps=(700.0, 40.0))
+        with torch.no_grad():
+            assert rel_err(ours(x, t, text), ref(x, t, text, return_dict=False)[0]) < 1e-5
+        loaded[expert] = ours.state_dict()
+    if info.experts:  # two different transformers, each from its own folder
+        assert not torch.equal(loaded[HIGH_NOISE]["blocks.0.modulation"], loaded[LOW_NOISE]["blocks.0.modulation"])
+
+
+def test_expert_choice_errors_name_the_folder(wan22_models, original):
+    with pytest.raises(ValueError, match=r"holds two experts \['high_noise', 'low_noise'\]; pass expert="):
+        SPEC.adapter.load(WanModel, wan22_models["t2v-a14b"], "diffusers", {})
+    with pytest.raises(ValueError, match=r"no expert 'low_noise'; it holds one transformer"):
+        SPEC.adapter.load(WanModel, wan22_models["ti2v"], "diffusers", {"expert": LOW_NOISE})
+    with pytest.raises(ValueError, match="a Wan 2.2 folder in the original layout, asked to load it as diffusers"):
+        SPEC.adapter.load(WanModel, original["t2v-a14b"], "diffusers", {"expert": HIGH_NOISE})
+
+
+def _tp_worker(folders):
+    parallel.initialize(tensor_parallel=2)
+    return parallel.tp_rank(), {f"{name}/{e}": SPEC.adapter.load(WanModel, folder, None, {"expert": e}).state_dict()
+                                for name, folder in folders.items() for e in EXPERTS}
+
+
+def test_tensor_parallel_ranks_read_their_slices_of_each_expert(wan22_models, original):
+    folders = {"diffusers": wan22_models["i2v-a14b"], "original": original["i2v-a14b"]}
+    ranks = run_local(_tp_worker, 2, folders)
+    for expert in EXPERTS:
+        whole = SPEC.adapter.load(WanModel, folders["diffusers"], None, {"expert": expert})
+        want = split_tp(whole.state_dict(), whole.wan, 2)
+        for rank, got in ranks:
+            for layout in folders:
+                mine = got[f"{layout}/{expert}"]
+                assert sorted(k for k in mine if not k.endswith("_extra_state")) == sorted(want[rank])
+                for k, v in want[rank].items():
+                    assert torch.equal(mine[k], v), (layout, expert, rank, k)

@@ -350,7 +350,12 @@ def open_source(source, layout: str, overrides: dict):
 
 def load(model_cls, source, layout: str, overrides: dict):
     """Build `model_cls` for the checkpoint in `layout`, each TP rank loading only its slice."""
-    src, cfg = open_source(source, layout, overrides)
+    return load_from(model_cls, *open_source(source, layout, overrides), layout, overrides)
+
+
+def load_from(model_cls, src, cfg: WanConfig, layout: str, overrides: dict):
+    """Build `model_cls` for `cfg` (with `overrides`) from an opened source in `layout`, each TP rank loading only
+    its slice."""
     cfg = cfg.replace(perform_initialization=False, **overrides)
     model = model_cls(cfg)
     state = to_ours(src, cfg, layout, parallel.tp_rank(), parallel.tp_size())

@@ -13,7 +13,7 @@ import torch
 
 from megatron_wan.models.wan21.adapter import config_to_diffusers
 from megatron_wan.models.wan21.tiny import tiny_components
-from megatron_wan.models.wan22.config import BOUNDARY_RATIOS, preset
+from megatron_wan.models.wan22.config import BOUNDARY_RATIOS, ORIGINAL_FOLDERS, preset
 
 TINY_PRESETS = {"t2v-a14b": "tiny-wan2.2-t2v-a14b", "i2v-a14b": "tiny-wan2.2-i2v-a14b", "ti2v": "tiny-wan2.2-ti2v"}
 
@@ -51,6 +51,27 @@ def tiny_pipeline(task: str = "t2v-a14b", seed: int = 0):
         parts["expand_timesteps"] = True
     cls = WanImageToVideoPipeline if cfg.is_i2v else WanPipeline
     return cls(**parts)
+
+
+def write_original_transformers(pipeline_dir, directory) -> Path:
+    """The transformers of a (tiny) diffusers Wan 2.2 folder in the original Wan-AI layout at `directory`:
+    high_noise_model/ and low_noise_model/ for A14B, the top folder for TI2V-5B; each a config.json and one
+    safetensors file (the original folders' encoders and VAE are not written)."""
+    from safetensors.torch import save_file
+
+    from megatron_wan.models.wan21.adapter import from_ours, to_ours
+    from megatron_wan.models.wan22.adapter import _open_folder, config_to_original, folder_info
+
+    directory = Path(directory)
+    info = folder_info(pipeline_dir)
+    for expert in info.experts or (None,):
+        src, cfg, _ = _open_folder(Path(pipeline_dir), expert, "diffusers")
+        out = directory / ORIGINAL_FOLDERS[expert] if expert else directory
+        out.mkdir(parents=True, exist_ok=True)
+        weights = from_ours(to_ours(src, cfg, "diffusers"), cfg, "original")
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "diffusion_pytorch_model.safetensors"))
+        (out / "config.json").write_text(json.dumps({"_class_name": "WanModel", **config_to_original(cfg)}))
+    return directory
 
 
 def write_tiny(directory, task: str = "t2v-a14b", seed: int = 0) -> Path:
