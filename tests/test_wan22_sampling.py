@@ -4,6 +4,8 @@ WanImageToVideoPipeline for I2V-A14B, and TI2V-5B in text-to-video (WanPipeline)
 (WanImageToVideoPipeline with expand_timesteps: per-token timesteps, the first frame replaced); CP=2 equals one
 process."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -111,3 +113,35 @@ def test_context_parallel_sampling_equals_one_process(wan22_models, samplers):
         for rank in ranks:
             print(f"\n{'/'.join(case)} CP=2 vs CP=1: relative error {rel_err(rank[case], want):.2e}")
             assert rel_err(rank[case], want) < 1e-5
+
+
+def _decoded_frames(path) -> int:
+    import av
+
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(c.streams.video[0]))
+
+
+def test_generate_and_eval_sample_run_both_experts(wan22_models, tmp_path):
+    """`data_tools generate` and `eval sample` on the tiny T2V-A14B folder, with both guidance scales."""
+    from data_tools.__main__ import main as data_tools
+    from data_tools.stage import read_jsonl
+    from megatron_wan.eval.__main__ import main as evaluate
+
+    (height, width), _ = CASES[("t2v-a14b", "t2v")]
+    image = tmp_path / "ref.png"
+    _image(height, width).save(image)
+    gt = {"id": "gt0", "prompt": PROMPT, "width": width, "height": height, "frames": FRAMES, "fps": 16.0,
+          "image": str(image)}
+    (tmp_path / "gt.jsonl").write_text(json.dumps(gt) + "\n")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"id": "p0", "prompt": PROMPT, "image": str(image)}) + "\n")
+    common = ["--steps", "2", "--guidance-scale", str(GUIDANCE), "--guidance-scale-2", str(GUIDANCE_2)]
+    data_tools(["generate", "--in", str(tmp_path / "gt.jsonl"), "--out", str(tmp_path / "generated"), "--model",
+                str(wan22_models["t2v-a14b"]), "--samples", "1", "--preset", "ultrafast", *common])
+    (record,) = read_jsonl(tmp_path / "generated" / "manifest.jsonl")
+    assert record["gt_id"] == "gt0" and _decoded_frames(record["path"]) == FRAMES
+    counts = evaluate(["sample", "--model", str(wan22_models["t2v-a14b"]), "--pairs", str(tmp_path / "pairs.jsonl"),
+                       "--out", str(tmp_path / "eval"), "--frames", str(FRAMES), *common])
+    assert counts == {"Base": 1}
+    (video,) = (tmp_path / "eval" / "Base").glob("*.mp4")
+    assert _decoded_frames(video) == FRAMES
