@@ -260,3 +260,15 @@ def test_expert_export_loads_in_diffusers_with_transformer_2(wan22_models, tmp_p
                                          written[expert]["peft"])
         assert rel_err(predict(peft), want) < 1e-5, expert
         assert rel_err(predict(getattr(plain, sub)), want) > 1e-3, expert  # the adapters matter
+
+
+def test_a_lone_diffusers_transformer_folder_loads_as_one_model(wan22_models):
+    from megatron_wan.models.wan22.experts import load_denoiser
+
+    sub = wan22_models["i2v-a14b"] / DIFFUSERS_FOLDERS[LOW_NOISE]
+    assert folder_info(sub) == FolderInfo("diffusers", (), None, False)
+    lone = load_denoiser(WanModel, sub, "diffusers")
+    pair = load_denoiser(WanModel, wan22_models["i2v-a14b"])
+    assert (pair.boundary_ratio, lone.wan.model_type) == (0.9, "i2v")
+    for k, v in pair.low_noise.state_dict().items():
+        assert k.endswith("_extra_state") or torch.equal(v, lone.state_dict()[k]), k

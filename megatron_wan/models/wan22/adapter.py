@@ -97,8 +97,10 @@ def folder_info(folder) -> FolderInfo:
                              f"expected one of {sorted(ORIGINAL_BOUNDARY)} for a pair of experts")
         return FolderInfo("original", EXPERTS, ORIGINAL_BOUNDARY[model_type], False)
     if (folder / "config.json").is_file():
-        cfg = config_from_original(json.loads((folder / "config.json").read_text()))
-        return FolderInfo("original", (), None, cfg.expand_timesteps)
+        raw = json.loads((folder / "config.json").read_text())
+        if raw.get("_class_name") == "WanTransformer3DModel":  # one diffusers transformer (per-token: its pipeline's)
+            return FolderInfo("diffusers", (), None, False)
+        return FolderInfo("original", (), None, config_from_original(raw).expand_timesteps)
     raise FileNotFoundError(f"{folder}: not a Wan 2.2 folder (no model_index.json, no {ORIGINAL_FOLDERS[EXPERTS[0]]}/"
                             f" and {ORIGINAL_FOLDERS[EXPERTS[1]]}/, no config.json)")
 
@@ -122,7 +124,7 @@ def expert_folder(folder, expert: str | None = None) -> Path:
     if expert is not None and expert not in info.experts:
         has = f"its experts are {list(info.experts)}" if info.experts else "it holds one transformer (expert=None)"
         raise ValueError(f"{folder}: no expert {expert!r}; {has}")
-    if info.layout == "diffusers":
+    if info.layout == "diffusers" and (folder / "model_index.json").is_file():
         return folder / DIFFUSERS_FOLDERS[expert or EXPERTS[0]]
     return folder / ORIGINAL_FOLDERS[expert] if expert else folder
 
