@@ -30,7 +30,7 @@ def _sample(cfg, grid, text_len, device):
     x = torch.randn(1, cfg.in_dim, *grid, generator=g)
     target = torch.randn(1, cfg.out_dim, *grid, generator=g)
     text = torch.randn(1, text_len, cfg.text_dim, generator=g)
-    clip = torch.randn(1, 257, cfg.image_dim, generator=g) if cfg.is_i2v else None
+    clip = torch.randn(1, 257, cfg.image_dim, generator=g) if cfg.has_image_tokens else None
     return tuple(None if t is None else t.to(device) for t in (x, torch.tensor([500.0]), text, clip, target))
 
 

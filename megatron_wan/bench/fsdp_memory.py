@@ -50,7 +50,7 @@ def _measure(shards, finetune: str, preset_name: str) -> list[dict]:
         g = torch.Generator().manual_seed(1)
         x = torch.randn(1, wan.in_dim, 1, 4, 4, generator=g)
         out = engine.model(x, torch.tensor([500.0]), torch.randn(1, 8, wan.text_dim, generator=g),
-                           torch.randn(1, 257, wan.image_dim, generator=g) if wan.is_i2v else None)
+                           torch.randn(1, 257, wan.image_dim, generator=g) if wan.has_image_tokens else None)
         engine.begin_step(1)
         engine.backward(out.square().mean())
         grads = state_bytes(engine)["gradients"]

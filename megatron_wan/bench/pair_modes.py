@@ -39,7 +39,7 @@ def main(argv=None):
     reference = make_reference("copy", model)
     n, shape = args.pairs, (args.pairs, cfg.out_dim, *args.grid)
     cond = torch.randn(n, cfg.in_dim - cfg.out_dim, *args.grid, device=device) if cfg.is_i2v else None
-    clip = torch.randn(n, 257, cfg.image_dim, device=device) if cfg.is_i2v else None
+    clip = torch.randn(n, 257, cfg.image_dim, device=device) if cfg.has_image_tokens else None
     text = torch.randn(n, 16, cfg.text_dim, device=device)
     batch = PairBatch(torch.randn(shape, device=device), torch.randn(shape, device=device),
                       Conditions(text, clip, cond), list(range(n)))

@@ -89,7 +89,7 @@ def activation_bytes(cfg: WanConfig, grid, text_len: int, samples: int = 1, tp: 
                  + 9 * FP32 + 2 * ht * FP32)  # LayerNorm mean/rstd, RMSNorm scales; log-sum-exp of both attentions
     per_key = (1 if frozen else 2) * dt * FP32 + 2 * dt * a + FP32 + 2 * r * a  # text token: k norm, k, v, adapters
     block = s * per_token + text_len * per_key + 8 * d * FP32  # and the modulation: 6 vectors, (1 + scale) twice
-    if cfg.is_i2v:  # image attention out and its sum with the text's; CLIP keys (frozen: no norm of them kept)
+    if cfg.has_image_tokens:  # image attention out, its sum with the text's; CLIP keys (frozen: no norm of them kept)
         block += s * (2 * dt * a + ht * FP32) + CLIP_TOKENS * (2 * dt * a if frozen else per_key)
     outside = latents * cfg.out_dim * FP32 + s * (d * FP32 + 2 * FP32) + d * FP32  # loss residual, head norm
     if frozen:
@@ -97,12 +97,12 @@ def activation_bytes(cfg: WanConfig, grid, text_len: int, samples: int = 1, tp: 
     else:  # patch-embed input; head's modulated norm and linear input; text and time MLPs; CLIP MLP
         outside += (latents * cfg.in_dim * a + s * (d * FP32 + d * a) + text_len * (cfg.text_dim + 3 * d) * a
                     + (cfg.freq_dim + 4 * d) * a)
-        if cfg.is_i2v:
+        if cfg.has_image_tokens:
             outside += CLIP_TOKENS * (cfg.image_dim * FP32 + 3 * cfg.image_dim * a + d * FP32 + d * a + 4 * FP32)
     first_block_input = s * (d * FP32 + 2 * FP32) + d * FP32 if frozen else 0  # needs no gradient: norm1 not kept
     if recompute:  # each checkpoint keeps its block's inputs: its tokens; the time projection, the contexts
         kept, working, outside = cfg.num_layers * s * d * a, block, outside + 6 * d * FP32
-        outside += CLIP_TOKENS * d * a if frozen and cfg.is_i2v else 0  # (kept anyway without a frozen base)
+        outside += CLIP_TOKENS * d * a if frozen and cfg.has_image_tokens else 0  # (kept anyway without a frozen base)
     else:
         kept, working = cfg.num_layers * block - first_block_input, 0
     out = {"outside": outside, "blocks": kept, "recompute": working}
@@ -248,7 +248,7 @@ def memory(setup: Setup) -> dict:
     in_flight = s * (4 * cfg.dim * FP32 + 2 * cfg.ffn_dim // tp * act_bytes)  # gradients alive in a block's backward
     out = {
         "weights": weights, "grads": grads, "optimizer": optimizer, "reference": reference,
-        "encoders": (UMT5_XXL_ENCODER_PARAMS + VAE_PARAMS + CLIP_VISUAL_PARAMS * cfg.is_i2v) * BF16
+        "encoders": (UMT5_XXL_ENCODER_PARAMS + VAE_PARAMS + CLIP_VISUAL_PARAMS * cfg.has_image_tokens) * BF16
                     if setup.encoders == "gpu" else 0,
         "activations": acts["total"], "buffers": setup.reserve_gib * GIB + in_flight,
     }

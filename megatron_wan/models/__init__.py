@@ -14,7 +14,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-FAMILIES = {"wan2.1": "megatron_wan.models.wan21"}  # family name -> package (adding a family: one line here)
+# family name -> package (adding a family: one line here)
+FAMILIES = {"wan2.1": "megatron_wan.models.wan21", "wan2.2": "megatron_wan.models.wan22"}
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,10 @@ class ModelSpec:
     parameters: Callable[..., Any]  # config -> its models.parameters.Description (parameter table, counts, FLOPs)
     write_tiny: Callable[..., Any]  # (directory, task, seed) -> a tiny random checkpoint folder
     tasks: tuple[Task, ...] = ()
-    latent_geometry: Callable[..., Any] | None = None  # (vae config | folder | None, patch_size) -> LatentGeometry
+    latent_geometry: Callable[..., Any] | None = None  # (vae config | folder | None, DiT config) -> LatentGeometry
     claims: Callable[[Path], bool] | None = None  # whether a diffusers pipeline folder holds this family's model
+    loader: Callable[..., Any] | None = None  # (model class, source, layout, **overrides) -> the denoiser (a model,
+    # or e.g. Wan 2.2 A14B's expert pair); None: the adapter's load
 
     def task(self, name: str) -> Task:
         """The task `name`; one this family does not have is an error listing its tasks."""
@@ -56,12 +59,14 @@ class ModelSpec:
     def load(self, source, layout: str = "diffusers", **overrides):
         """The model of a checkpoint (folder, state dict or module) in `layout` ("diffusers" or "original"), each
         TP rank loading only its slice; `overrides` are config fields (runtime choices, dtype)."""
+        if self.loader is not None:
+            return self.loader(self.model, source, layout, **overrides)
         return self.adapter.load(self.model, source, layout, overrides)
 
     def geometry(self, config=None, vae_config=None):
         """The latent geometry of this family's VAE (`vae_config`: a config, a folder, or None for the family's
         own) for the DiT `config` (None: the family's default patch)."""
-        return self.latent_geometry(vae_config, None if config is None else config.patch_size)
+        return self.latent_geometry(vae_config, config)
 
 
 def get_model_spec(name: str) -> ModelSpec:

@@ -84,20 +84,20 @@ def _vae_defaults() -> dict:
             if p.default is not inspect.Parameter.empty}
 
 
-def latent_geometry(vae_config: Mapping | str | Path | None = None, patch_size: tuple | None = None,
+def latent_geometry(vae_config: Mapping | str | Path | None = None, config: WanConfig | None = None,
                     fps: int = FPS) -> LatentGeometry:
     """The geometry of a VAE config (AutoencoderKLWan's: z_dim, scale_factor_temporal, scale_factor_spatial), a
-    folder holding one (a pipeline's or its vae/), or by default the Wan 2.1 VAE's, for a DiT of `patch_size`
-    (default: WanConfig's)."""
+    folder holding one (a pipeline's or its vae/), or by default the Wan 2.1 VAE's, for the DiT `config` (its
+    patch; default: WanConfig's)."""
     if isinstance(vae_config, (str, Path)):
         folder = Path(vae_config)
         path = folder / "vae" / "config.json" if (folder / "vae").is_dir() else folder / "config.json"
         vae_config = json.loads(path.read_text())
-    config = {**_vae_defaults(), **dict(vae_config or {})}  # (a diffusers FrozenDict config is a dict too)
-    temporal = config.get("scale_factor_temporal") or 2 ** sum(config["temperal_downsample"])
-    spatial = config.get("scale_factor_spatial") or 2 ** len(config["temperal_downsample"])
-    patch = WanConfig.patch_size if patch_size is None else patch_size
-    return LatentGeometry(int(config["z_dim"]), int(temporal), int(spatial), tuple(patch), fps)
+    vae = {**_vae_defaults(), **dict(vae_config or {})}  # (a diffusers FrozenDict config is a dict too)
+    temporal = vae.get("scale_factor_temporal") or 2 ** sum(vae["temperal_downsample"])
+    spatial = vae.get("scale_factor_spatial") or 2 ** len(vae["temperal_downsample"])
+    patch = (config or WanConfig).patch_size
+    return LatentGeometry(int(vae["z_dim"]), int(temporal), int(spatial), tuple(patch), fps)
 
 
 def pad_text(text_emb: torch.Tensor, length: int = TEXT_LEN) -> torch.Tensor:
@@ -219,19 +219,29 @@ class WanEncoders:
     def image_conditioning(self, image, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(clip_emb [tokens, D], cond_latent [20, F', H', W']) of a PIL reference image for a `frames`-frame
         video at the image's size, as WanImageToVideoPipeline computes them."""
-        width, height = image.size
         clip_in = self.image_processor(images=image, return_tensors="pt").pixel_values
         with self._on_device(self.image_encoder) as enc:
             clip = enc(pixel_values=clip_in.to(self.device, self.dtype), output_hidden_states=True).hidden_states[-2]
-        pixels = self.video_processor.preprocess(image, height=height, width=width).unsqueeze(2)
-        video = torch.cat([pixels, pixels.new_zeros(1, 3, frames - 1, height, width)], dim=2)
+        return clip[0].to(self.dtype).cpu(), self.cond_latent(image, frames)
+
+    def image_pixels(self, image) -> torch.Tensor:
+        """A PIL image as the VAE's input [1, 3, 1, H, W] at its own size, as the pipelines preprocess it."""
+        width, height = image.size
+        return self.video_processor.preprocess(image, height=height, width=width).unsqueeze(2)
+
+    @torch.no_grad()
+    def cond_latent(self, image, frames: int) -> torch.Tensor:
+        """The 20-channel condition latent [20, F', H', W'] (4-channel first-frame mask + the VAE latent of
+        [image, zeros...]) of a PIL reference image for a `frames`-frame video, as WanImageToVideoPipeline builds it."""
+        pixels = self.image_pixels(image)
+        video = torch.cat([pixels, pixels.new_zeros(1, 3, frames - 1, *pixels.shape[-2:])], dim=2)
         latent = self._encode(video, False, None)
         t = self.vae.config.scale_factor_temporal
         mask = torch.ones(1, 1, frames, *latent.shape[-2:])
         mask[:, :, 1:] = 0
         mask = torch.cat([mask[:, :, :1].repeat_interleave(t, dim=2), mask[:, :, 1:]], dim=2)
         mask = mask.view(1, -1, t, *latent.shape[-2:]).transpose(1, 2)
-        return clip[0].to(self.dtype).cpu(), torch.cat([mask, latent], dim=1)[0].to(self.dtype)
+        return torch.cat([mask, latent], dim=1)[0].to(self.dtype)
 
     def image_fields(self, image, frames: int) -> dict:
         """The sample fields (IMAGE_FIELDS) of a reference image for a `frames`-frame video; {} for a task that

@@ -15,12 +15,13 @@ def describe(cfg: WanConfig) -> Description:
     """The parameters, linears and attention products of `cfg` (full, unsplit shapes), in state-dict order."""
     d, patch, b = cfg.dim, math.prod(cfg.patch_size), Builder()
     b.linear("patch_embedding", cfg.in_dim * patch, d, "video", "patch_embed", kernel=cfg.patch_size)
-    b.linear("time.time_embedding.linear_1", cfg.freq_dim, d, "time", "time_embed")
-    b.linear("time.time_embedding.linear_2", d, d, "time", "time_embed")
-    b.linear("time.time_projection", d, 6 * d, "time", "time_embed")
+    time = "video" if cfg.expand_timesteps else "time"  # per-token timesteps (Wan 2.2 TI2V): embedded per token
+    b.linear("time.time_embedding.linear_1", cfg.freq_dim, d, time, "time_embed")
+    b.linear("time.time_embedding.linear_2", d, d, time, "time_embed")
+    b.linear("time.time_projection", d, 6 * d, time, "time_embed")
     b.linear("text_embedding.linear_1", cfg.text_dim, d, "text", "text_embed")
     b.linear("text_embedding.linear_2", d, d, "text", "text_embed")
-    if cfg.is_i2v:
+    if cfg.has_image_tokens:
         b.norm("image_embedding.norm1", cfg.image_dim)
         b.linear("image_embedding.mlp.linear_1", cfg.image_dim, cfg.image_dim, "image", "image_embed")
         b.linear("image_embedding.mlp.linear_2", cfg.image_dim, d, "image", "image_embed")
@@ -37,7 +38,7 @@ def describe(cfg: WanConfig) -> Description:
                 b.norm(f"{p}{attn}.q_norm", d, bias=False, split=0)
                 b.norm(f"{p}{attn}.k_norm", d, bias=False, split=0)
             b.attention("video", keys, d, f"{part}_core")
-        if cfg.is_i2v:  # the same queries over the CLIP tokens, added to the text attention's output
+        if cfg.has_image_tokens:  # the same queries over the CLIP tokens, added to the text attention's output
             b.linear(p + "cross_attention.linear_k_img", d, d, "image", "image_attn_proj", "column")
             b.linear(p + "cross_attention.linear_v_img", d, d, "image", "image_attn_proj", "column")
             b.norm(p + "cross_attention.k_img_norm", d, bias=False, split=0)
