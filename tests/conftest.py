@@ -32,3 +32,12 @@ def encoded(pairs, models, tmp_path_factory):
     for task in ("t2v", "i2v"):
         run("encode", "--in", pairs / "pairs", "--out", out / task, "--model", models[task])
     return {task: out / task for task in ("t2v", "i2v")}
+
+
+@pytest.fixture(scope="session")
+def wan22_models(tmp_path_factory):
+    """Tiny random Wan 2.2 folders in diffusers layout: {"t2v-a14b": DIR, "i2v-a14b": DIR, "ti2v": DIR}."""
+    from megatron_wan.models.wan22.tiny import TINY_PRESETS, write_tiny
+
+    root = tmp_path_factory.mktemp("wan22")
+    return {task: write_tiny(root / task, task) for task in TINY_PRESETS}

@@ -29,9 +29,9 @@ def inputs(cfg, grid=(3, 4, 6), timesteps=(3.0, 500.0, 999.0), text_len=None, se
     b = len(timesteps)
     f, h, w = grid
     x = torch.randn(b, cfg.in_dim, f, 2 * h, 2 * w, generator=g)
-    text_len = text_len or (512 if cfg.is_i2v else 11)
+    text_len = text_len or (512 if cfg.has_image_tokens else 11)
     text = torch.randn(b, text_len, cfg.text_dim, generator=g)
-    clip = torch.randn(b, 257, cfg.image_dim, generator=g) if cfg.is_i2v else None
+    clip = torch.randn(b, 257, cfg.image_dim, generator=g) if cfg.has_image_tokens else None
     return x, torch.tensor(timesteps), text, clip
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-FAMILIES = {"wan2.1": "megatron_wan.models.wan21"}  # family name -> package (adding a family: one line here)
+# family name -> package (adding a family: one line here)
+FAMILIES = {"wan2.1": "megatron_wan.models.wan21", "wan2.2": "megatron_wan.models.wan22"}
 
 
 @dataclass(frozen=True)

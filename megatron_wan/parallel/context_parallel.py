@@ -98,6 +98,19 @@ class FrameShard:
             part = torch.cat([part, pad], dim=2)
         return part.contiguous()  # its own storage: the graph keeps this rank's frames, not the whole input
 
+    def local_tokens(self, values: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens of per-token values [B, f*h*w, ...] of the whole video (frame-major, as the tokens),
+        zero-padded at the video's tail: [B, frames_per_rank*h*w, ...]."""
+        if self.size == 1:
+            return values
+        per_frame = self.grid[1] * self.grid[2]
+        start, n = self.first_frame * per_frame, self.frames_per_rank * per_frame
+        part = values[:, start:start + n]
+        if part.shape[1] < n:
+            pad = values.new_zeros(values.shape[0], n - part.shape[1], *values.shape[2:])
+            part = torch.cat([part, pad], dim=1)
+        return part
+
 
 # -- collectives with the autograd rules CP needs ---------------------------------------------------
 

@@ -97,7 +97,7 @@ def param_table(cfg: WanConfig) -> list[Param]:
     linear("time.time_projection", d, 6 * d)
     linear("text_embedding.linear_1", cfg.text_dim, d)
     linear("text_embedding.linear_2", d, d)
-    if cfg.is_i2v:
+    if cfg.has_image_tokens:
         norm("image_embedding.norm1", cfg.image_dim)
         linear("image_embedding.mlp.linear_1", cfg.image_dim, cfg.image_dim)
         linear("image_embedding.mlp.linear_2", cfg.image_dim, d)
@@ -112,7 +112,7 @@ def param_table(cfg: WanConfig) -> list[Param]:
             if cfg.qk_norm:
                 norm(f"{p}{attn}.q_norm", d, bias=False, split=0)
                 norm(f"{p}{attn}.k_norm", d, bias=False, split=0)
-        if cfg.is_i2v:
+        if cfg.has_image_tokens:
             linear(p + "cross_attention.linear_k_img", d, d, split=0)
             linear(p + "cross_attention.linear_v_img", d, d, split=0)
             norm(p + "cross_attention.k_img_norm", d, bias=False, split=0)
@@ -239,6 +239,11 @@ def from_ours(shards, cfg: WanConfig, layout: str) -> dict:
 
 # -- configs ---------------------------------------------------------------------------------------
 
+def _task(image_tokens, in_dim: int, out_dim: int) -> str:
+    """'i2v' for a model that reads CLIP tokens (Wan 2.1) or conditioning channels beyond the noise (2.2 A14B)."""
+    return "i2v" if image_tokens or in_dim != out_dim else "t2v"
+
+
 def config_from_diffusers(c: Mapping) -> WanConfig:
     """WanConfig from a WanTransformer3DModel config."""
     if c.get("pos_embed_seq_len"):
@@ -250,7 +255,8 @@ def config_from_diffusers(c: Mapping) -> WanConfig:
     if c.get("qk_norm") not in (None, "rms_norm_across_heads"):
         raise ValueError(f"diffusers config qk_norm: expected 'rms_norm_across_heads' or None, found {c['qk_norm']!r}")
     return WanConfig(
-        model_type="i2v" if c.get("image_dim") else "t2v", dim=dim, ffn_dim=c["ffn_dim"],
+        model_type=_task(c.get("image_dim"), c["in_channels"], c.get("out_channels") or c["in_channels"]),
+        dim=dim, ffn_dim=c["ffn_dim"],
         freq_dim=c.get("freq_dim", 256), text_dim=c.get("text_dim", 4096), num_heads=c["num_attention_heads"],
         num_layers=c["num_layers"], in_dim=c["in_channels"], out_dim=c.get("out_channels") or c["in_channels"],
         patch_size=tuple(c.get("patch_size", (1, 2, 2))), eps=c.get("eps", 1e-6), qk_norm=c.get("qk_norm") is not None,
@@ -266,7 +272,7 @@ def config_to_diffusers(cfg: WanConfig) -> dict:
         in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
         ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
         qk_norm="rms_norm_across_heads" if cfg.qk_norm else None, eps=cfg.eps, image_dim=cfg.image_dim,
-        added_kv_proj_dim=cfg.dim if cfg.is_i2v else None, rope_max_seq_len=cfg.rope_max_seq_len,
+        added_kv_proj_dim=cfg.dim if cfg.has_image_tokens else None, rope_max_seq_len=cfg.rope_max_seq_len,
     )
 
 
@@ -290,7 +296,7 @@ def config_to_original(cfg: WanConfig) -> dict:
                text_dim=cfg.text_dim, num_heads=cfg.num_heads, num_layers=cfg.num_layers, in_dim=cfg.in_dim,
                out_dim=cfg.out_dim, patch_size=list(cfg.patch_size), eps=cfg.eps, qk_norm=cfg.qk_norm,
                cross_attn_norm=cfg.cross_attn_norm, window_size=[-1, -1], text_len=512)
-    if cfg.is_i2v:
+    if cfg.has_image_tokens:
         out["image_dim"] = cfg.image_dim
     return out
 
@@ -309,7 +315,8 @@ def infer_config(source, layout: str, num_heads: int | None = None) -> WanConfig
     if not heads or dim % heads:
         raise ValueError(f"{source.where}: cannot infer the head count of a width-{dim} model; pass num_heads=")
     return WanConfig(
-        model_type="i2v" if image else "t2v", dim=dim, ffn_dim=shape("blocks.0.mlp.linear_fc1.weight")[0],
+        model_type=_task(image, in_dim, shape("head.linear.weight")[0] // math.prod(patch)),
+        dim=dim, ffn_dim=shape("blocks.0.mlp.linear_fc1.weight")[0],
         freq_dim=shape("time.time_embedding.linear_1.weight")[1], text_dim=shape("text_embedding.linear_1.weight")[1],
         num_heads=heads, num_layers=layers, in_dim=in_dim, patch_size=tuple(patch),
         out_dim=shape("head.linear.weight")[0] // math.prod(patch),
@@ -343,7 +350,12 @@ def open_source(source, layout: str, overrides: dict):
 
 def load(model_cls, source, layout: str, overrides: dict):
     """Build `model_cls` for the checkpoint in `layout`, each TP rank loading only its slice."""
-    src, cfg = open_source(source, layout, overrides)
+    return load_from(model_cls, *open_source(source, layout, overrides), layout, overrides)
+
+
+def load_from(model_cls, src, cfg: WanConfig, layout: str, overrides: dict):
+    """Build `model_cls` for `cfg` (with `overrides`) from an opened source in `layout`, each TP rank loading only
+    its slice."""
     cfg = cfg.replace(perform_initialization=False, **overrides)
     model = model_cls(cfg)
     state = to_ours(src, cfg, layout, parallel.tp_rank(), parallel.tp_size())

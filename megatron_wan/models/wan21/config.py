@@ -43,9 +43,11 @@ class WanConfig:
     eps: float = 1e-6
     qk_norm: bool = True  # RMSNorm on q and k across all heads
     cross_attn_norm: bool = True
-    image_dim: int | None = None  # CLIP ViT-H/14 penultimate width (1280) for I2V
+    image_dim: int | None = None  # CLIP ViT-H/14 penultimate width (1280) for Wan 2.1 I2V; None: no image tokens
     rope_max_seq_len: int = 1024
     rope_theta: float = 10000.0
+    # Wan 2.2 TI2V: timesteps per token ([B, tokens]); image-to-video gives the first frame's tokens timestep 0
+    expand_timesteps: bool = False
     # runtime (weights do not depend on these)
     attention_backend: str = "auto"
     layer_provider: str = "auto"  # "local" (megatron-core linears), "te" (Transformer Engine), "auto"
@@ -62,11 +64,8 @@ class WanConfig:
             raise ValueError(f"WanConfig.model_type: expected 't2v' or 'i2v', found {self.model_type!r}")
         if self.dim % self.num_heads:
             raise ValueError(f"WanConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}")
-        if (self.model_type == "i2v") != (self.image_dim is not None):
-            raise ValueError(
-                f"WanConfig.image_dim: i2v needs the CLIP width (1280 for Wan2.1) and t2v none; "
-                f"found model_type={self.model_type!r}, image_dim={self.image_dim!r}"
-            )
+        if self.model_type == "t2v" and self.image_dim is not None:  # i2v: CLIP (Wan 2.1) or channels only (2.2)
+            raise ValueError(f"WanConfig.image_dim: a t2v model takes no CLIP image tokens; found {self.image_dim}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"WanConfig.attention_backend: expected one of {ATTENTION_BACKENDS}, found {self.attention_backend!r}"
@@ -83,6 +82,11 @@ class WanConfig:
     @property
     def is_i2v(self) -> bool:
         return self.model_type == "i2v"
+
+    @property
+    def has_image_tokens(self) -> bool:
+        """Whether cross-attention also reads CLIP image tokens (Wan 2.1 I2V; Wan 2.2 I2V has none)."""
+        return self.image_dim is not None
 
     def replace(self, **overrides) -> "WanConfig":
         """A copy with `overrides`; an unknown name is an error listing the known ones."""

@@ -10,7 +10,7 @@ from megatron_wan.models.wan21.norms import FP32LayerNorm
 
 
 def timestep_sinusoid(timestep: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding [B, dim] of per-sample timesteps, cos half first (Wan's order), in float32."""
+    """Sinusoidal embedding [N, dim] of N timesteps, cos half first (Wan's order), in float32."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half)
     angles = timestep.float()[:, None] * freqs[None]
@@ -31,7 +31,10 @@ class TwoLayerMLP(nn.Module):
 
 
 class TimeEmbedding(nn.Module):
-    """timestep -> (temb [B, dim] for the head, t_mod [B, 6, dim] for the blocks), in float32."""
+    """timesteps [n, B] -> (temb [n, B, dim] for the head, t_mod [n, B, 6, dim] for the blocks), in float32.
+
+    Sequence-first like the tokens: n = 1 for one timestep per sample (broadcast over the tokens), or one per
+    token (Wan 2.2 TI2V's per-token timesteps)."""
 
     def __init__(self, freq_dim: int, dim: int):
         super().__init__()
@@ -41,8 +44,9 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, timestep: torch.Tensor):
         dtype = self.time_projection.weight.dtype
-        temb = self.time_embedding(timestep_sinusoid(timestep, self.freq_dim).to(dtype))
-        return temb.float(), self.time_projection(F.silu(temb)).unflatten(1, (6, -1)).float()
+        temb = self.time_embedding(timestep_sinusoid(timestep.flatten(), self.freq_dim).to(dtype))
+        t_mod = self.time_projection(F.silu(temb)).unflatten(1, (6, -1))
+        return temb.unflatten(0, timestep.shape).float(), t_mod.unflatten(0, timestep.shape).float()
 
 
 class ImageEmbedding(nn.Module):
@@ -68,6 +72,6 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """x [s, b, dim], temb [b, dim] float32 -> [s, b, out_features]."""
-        shift, scale = (self.modulation.float() + temb[:, None].float()).transpose(0, 1).unsqueeze(1).unbind(0)
+        """x [s, b, dim], temb [1 or s, b, dim] float32 (per sample or per token) -> [s, b, out_features]."""
+        shift, scale = (self.modulation.float() + temb[:, :, None].float()).unbind(2)
         return self.linear((self.norm(x.float()) * (1 + scale) + shift).type_as(x))

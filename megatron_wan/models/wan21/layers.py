@@ -106,8 +106,8 @@ class WanAttention(MegatronModule):
 class WanBlock(MegatronModule):
     """One Wan DiT block: adaLN-modulated self-attention, cross-attention, adaLN-modulated GELU-tanh MLP.
 
-    The modulation is the block's learned table [1, 6, dim] plus the per-sample time projection,
-    computed in float32 as Wan does; residual gates are applied in float32 too.
+    The modulation is the block's learned table [1, 6, dim] plus the time projection (per sample, or per token for
+    Wan 2.2 TI2V), computed in float32 as Wan does; residual gates are applied in float32 too.
     """
 
     def __init__(self, config, submodules: WanBlockSubmodules, wan):
@@ -121,16 +121,17 @@ class WanBlock(MegatronModule):
                            if wan.cross_attn_norm else nn.Identity())
         self.cross_attention = build_module(submodules.cross_attention, config=config,
                                             attention_backend=wan.attention_backend, cross=True,
-                                            image=wan.is_i2v, qk_norm=wan.qk_norm)
+                                            image=wan.has_image_tokens, qk_norm=wan.qk_norm)
         self.norm3 = build_module(submodules.adaln_norm, dim, eps, elementwise_affine=False)
         self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size,
                                 tp_group=parallel.tp_group())
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x, context, image_context, t_mod, rope, shard=None):
-        """x [s, b, dim] (a CP rank's `shard` of the video); t_mod [b, 6, dim] float32; returns x's shape and dtype."""
-        mod = (self.modulation.float() + t_mod.float()).transpose(0, 1)  # [6, b, dim]
-        shift, scale, gate, c_shift, c_scale, c_gate = mod.unsqueeze(1).unbind(0)  # each [1, b, dim]
+        """x [s, b, dim] (a CP rank's `shard` of the video); t_mod [1 or s, b, 6, dim] float32 (per sample or per
+        token of the shard); returns x's shape and dtype."""
+        mod = self.modulation.float() + t_mod.float()  # [1 or s, b, 6, dim]
+        shift, scale, gate, c_shift, c_scale, c_gate = mod.unbind(2)  # each [1 or s, b, dim]
         h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
         x = (x.float() + self.self_attention(h, rope=rope, shard=shard).float() * gate).type_as(x)
         h = self.cross_norm(x.float()).type_as(x)

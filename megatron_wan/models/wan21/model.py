@@ -35,7 +35,7 @@ class WanModel(MegatronModule):
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
         self.time = TimeEmbedding(config.freq_dim, dim)
         self.text_embedding = TwoLayerMLP(config.text_dim, dim, dim, partial(F.gelu, approximate="tanh"))
-        self.image_embedding = ImageEmbedding(config.image_dim, dim) if config.is_i2v else None
+        self.image_embedding = ImageEmbedding(config.image_dim, dim) if config.has_image_tokens else None
         spec = block_spec(config.layer_provider)
         self.blocks = nn.ModuleList(build_module(spec, config=tconfig, wan=config) for _ in range(config.num_layers))
         self.head = Head(dim, config.out_dim * math.prod(config.patch_size), config.eps)
@@ -66,22 +66,37 @@ class WanModel(MegatronModule):
         x = tokens.transpose(0, 1).reshape(-1, f, h, w, pt, ph, pw, self.wan.out_dim)
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(-1, self.wan.out_dim, f * pt, h * ph, w * pw)
 
+    def timestep_tokens(self, timestep, batch: int, shard: FrameShard) -> torch.Tensor:
+        """Timesteps sequence-first for the shard's tokens: [1, B] for one per sample (a number, [1] or [B]),
+        [s_local, B] for one per token ([B, f*h*w] of the whole video, frame-major as the tokens; Wan 2.2 TI2V)."""
+        if timestep.ndim == 2:
+            tokens = math.prod(shard.grid)
+            if tuple(timestep.shape) != (batch, tokens):
+                raise ValueError(f"WanModel timestep: per token expects [B, f*h*w] = [{batch}, {tokens}], "
+                                 f"found {list(timestep.shape)}")
+            return shard.local_tokens(timestep).transpose(0, 1)
+        if timestep.ndim > 2 or timestep.numel() not in (1, batch):
+            raise ValueError(f"WanModel timestep: expected a number, [{batch}] or [{batch}, tokens], "
+                             f"found {list(timestep.shape)}")
+        return timestep.reshape(1, -1).expand(1, batch)
+
     def conditions(self, timestep, text_emb, clip_emb=None):
-        """Embeddings shared by every token: (temb, t_mod, text context [L, B, dim], image context or None)."""
+        """Embeddings of the conditions from timesteps [n, B] (`timestep_tokens`): (temb [n, B, dim],
+        t_mod [n, B, 6, dim], text context [L, B, dim], image context or None)."""
         cfg = self.wan
         if text_emb.ndim != 3 or text_emb.shape[-1] != cfg.text_dim:
             raise ValueError(f"WanModel text_emb: expected [B, L, {cfg.text_dim}], found {list(text_emb.shape)}")
-        if cfg.is_i2v and (clip_emb is None or clip_emb.shape[-1] != cfg.image_dim):
+        if cfg.has_image_tokens and (clip_emb is None or clip_emb.shape[-1] != cfg.image_dim):
             found = None if clip_emb is None else list(clip_emb.shape)
             raise ValueError(f"WanModel clip_emb: I2V expects [B, 257, {cfg.image_dim}], found {found}")
-        if not cfg.is_i2v and clip_emb is not None:
+        if not cfg.has_image_tokens and clip_emb is not None:
             raise ValueError("WanModel clip_emb: this is a T2V model; it takes no CLIP image tokens")
         dtype = self.text_embedding.linear_1.weight.dtype
         temb, t_mod = self.time(timestep)
         # contiguous: with several samples a transposed [L, B, dim] is not foldable to 2D, and torch.matmul inside
         # megatron-core's linear then runs a batched matmul over a weight expanded L times
         context = self.text_embedding(text_emb.to(dtype)).transpose(0, 1).contiguous()
-        image = self.image_embedding(clip_emb.to(dtype)).transpose(0, 1).contiguous() if cfg.is_i2v else None
+        image = self.image_embedding(clip_emb.to(dtype)).transpose(0, 1).contiguous() if cfg.has_image_tokens else None
         return temb, t_mod, context, image
 
     def run_blocks(self, tokens, context, image, t_mod, rope, shard=None):
@@ -95,8 +110,9 @@ class WanModel(MegatronModule):
 
     def forward(self, x, timestep, text_emb, clip_emb=None, *, gather_output: bool = True,
                 shard: FrameShard | None = None):
-        """x [B, C_in, F, H, W] (I2V: conditioning channels already concatenated), timestep [B],
-        text_emb [B, L, text_dim] (used at the length given), clip_emb [B, 257, image_dim] -> [B, C_out, F, H, W].
+        """x [B, C_in, F, H, W] (I2V: conditioning channels already concatenated), timestep [B] or per token
+        [B, f*h*w] (the whole video's tokens, also under CP), text_emb [B, L, text_dim] (used at the length given),
+        clip_emb [B, 257, image_dim] -> [B, C_out, F, H, W].
 
         Under context parallelism every rank passes the whole input; the video is sharded along frames
         inside. `gather_output=True` returns the whole prediction on every rank, and every rank gets the
@@ -105,7 +121,7 @@ class WanModel(MegatronModule):
         whose loss is computed on the local shard. Given a `shard`, x is already that shard's frames
         (`shard.local_latents` of the whole input), as a sampler holds them through its loop.
         """
-        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(x.shape[0])
+        timestep = torch.as_tensor(timestep, device=x.device)
         if shard is None:
             shard = FrameShard.current(self.token_grid(x), self.wan.patch_size[0])
             if gather_output:  # replicated inputs and output: every rank gets the complete input gradients
@@ -117,6 +133,7 @@ class WanModel(MegatronModule):
             raise ValueError(f"WanModel input: a shard of token grid {list(shard.local_grid)} was given, "
                              f"the input's is {list(self.token_grid(x))}")
         tokens = self.patchify(x)
+        timestep = self.timestep_tokens(timestep, x.shape[0], shard)
         temb, t_mod, context, image = self.conditions(timestep, text_emb, clip_emb)
         rope = rope_cos_sin(shard.local_grid, self.wan.head_dim, self.wan.rope_theta, device=x.device,
                             frame_offset=shard.first_frame)

@@ -1,0 +1,210 @@
+"""Wan 2.2 transformers (each A14B expert, TI2V-5B) equal diffusers' WanTransformer3DModel on the same random
+weights (fp32), with one timestep per sample and one per token (TI2V), in one process and under CP=2 with a
+frame count that does not split evenly."""
+
+import pytest
+import torch
+from wan_reference import inputs, perturbed_reference, rel_err
+
+from launch.local import run_local
+from megatron_wan import parallel
+from megatron_wan.model import WanModel
+from megatron_wan.models.wan21.adapter import rename, split_tp
+from megatron_wan.models.wan22 import DIFFUSERS_FOLDERS, EXPERTS, HIGH_NOISE, LOW_NOISE, PRESETS, SPEC, preset
+from megatron_wan.models.wan22.adapter import FolderInfo, folder_info
+from megatron_wan.models.wan22.tiny import write_original_transformers
+
+TINY = [name for name in PRESETS if name.startswith("tiny-")]
+
+
+def _per_token(x, cfg, seed=5, first_frame_zero=False):
+    """[B, f*h*w] timesteps, frame-major as the tokens: random per token, or TI2V's image-to-video pattern
+    (the first latent frame's tokens at 0, the others at the sample's t)."""
+    b, f, h, w = x.shape[0], *(n // p for n, p in zip(x.shape[2:], cfg.patch_size))
+    if first_frame_zero:
+        t = torch.tensor([[700.0], [40.0]])[:b].expand(b, f * h * w).clone()
+        t[:, : h * w] = 0
+        return t
+    return torch.rand(b, f * h * w, generator=torch.Generator().manual_seed(seed)) * 1000
+
+
+@pytest.fixture(scope="module", params=TINY)
+def pair(request):
+    cfg = preset(request.param)
+    ref = perturbed_reference(cfg)
+    return cfg, ref, WanModel.from_diffusers(ref).eval()
+
+
+def test_presets_are_wan21_architectures_with_the_released_shapes():
+    t2v, i2v, ti2v = (preset(n) for n in ("wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"))
+    assert (t2v.dim, t2v.num_layers, t2v.in_dim, t2v.out_dim, t2v.image_dim) == (5120, 40, 16, 16, None)
+    assert (i2v.model_type, i2v.in_dim, i2v.out_dim, i2v.has_image_tokens) == ("i2v", 36, 16, False)
+    assert (ti2v.dim, ti2v.num_heads, ti2v.ffn_dim, ti2v.num_layers, ti2v.in_dim, ti2v.expand_timesteps) == \
+        (3072, 24, 14336, 30, 48, True)
+
+
+@pytest.mark.parametrize("timesteps", ["per_sample", "per_token", "first_frame_zero"])
+def test_forward_matches_diffusers(pair, timesteps):
+    cfg, ref, ours = pair
+    x, t, text, clip = inputs(cfg, (3, 2, 3), timesteps=(700.0, 40.0))
+    if timesteps != "per_sample":
+        t = _per_token(x, cfg, first_frame_zero=timesteps == "first_frame_zero")
+    with torch.no_grad():
+        expected = ref(x, t, text, clip, return_dict=False)[0]
+        got = ours(x, t, text, clip)
+    assert got.shape == expected.shape == (x.shape[0], cfg.out_dim, *x.shape[2:])
+    assert rel_err(got, expected) < 1e-5
+
+
+def test_per_token_timesteps_are_used_per_token(pair):
+    """Changing one frame's timesteps changes the prediction; the same t on every token is the per-sample t."""
+    cfg, _, ours = pair
+    x, t, text, clip = inputs(cfg, (2, 2, 2), timesteps=(700.0, 40.0))
+    tokens = _per_token(x, cfg, first_frame_zero=True)
+    with torch.no_grad():
+        flat = ours(x, t, text, clip)
+        same = ours(x, t[:, None].expand_as(tokens), text, clip)
+        first_zero = ours(x, tokens, text, clip)
+    assert rel_err(same, flat) < 1e-6
+    assert rel_err(first_zero, flat) > 1e-3
+
+
+def test_gradients_match_diffusers_with_per_token_timesteps(pair):
+    cfg, ref, ours = pair
+    x, _, text, clip = inputs(cfg, (2, 3, 2), timesteps=(700.0, 40.0))
+    t = _per_token(x, cfg)
+    weight = torch.randn(x.shape[0], cfg.out_dim, *x.shape[2:], generator=torch.Generator().manual_seed(0))
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (ref(xr, t, text, clip, return_dict=False)[0] * weight).sum().backward()
+    (ours(xo, t, text, clip) * weight).sum().backward()
+    assert rel_err(xo.grad, xr.grad) < 1e-5
+    ref_grads = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert rel_err(p.grad, ref_grads[rename(name, "diffusers")].grad) < 1e-5, name
+    ours.zero_grad(set_to_none=True)
+
+
+def test_bad_per_token_timesteps_are_named(pair):
+    cfg, _, ours = pair
+    x, t, text, clip = inputs(cfg, (2, 2, 2), timesteps=(700.0, 40.0))
+    with pytest.raises(ValueError, match=r"per token expects \[B, f\*h\*w\] = \[2, 8\], found \[2, 7\]"):
+        ours(x, torch.zeros(2, 7), text, clip)
+    with pytest.raises(ValueError, match=r"expected a number, \[2\] or \[2, tokens\]"):
+        ours(x, torch.zeros(3), text, clip)
+
+
+FRAMES = 3  # over CP=2: 2 token frames on rank 0, 1 (and 1 of padding) on rank 1
+
+
+def _cp_case(name, state_dict):
+    """Whole-video output, input gradient and parameter gradients under this process's CP, plus the local-shard
+    prediction (the training path), for per-token timesteps."""
+    cfg = preset(name)
+    model = WanModel.from_diffusers(state_dict, num_heads=cfg.num_heads)
+    x, _, text, clip = inputs(cfg, (FRAMES, 2, 2), timesteps=(700.0, 40.0), text_len=9)
+    t = _per_token(x, cfg)
+    x = x.clone().requires_grad_()
+    out = model(x, t, text, clip)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    (out * weight).sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    with torch.no_grad():
+        local, shard = model(x, t, text, clip, gather_output=False)
+    first, n = shard.first_frame, shard.valid_latent_frames
+    return out.detach(), x.grad, grads, local[:, :, :n], first, n
+
+
+def _cp_worker(state_dicts):
+    parallel.initialize(context_parallel=2)
+    return {name: _cp_case(name, sd) for name, sd in state_dicts.items()}
+
+
+def test_context_parallel_with_uneven_frames_matches_diffusers():
+    refs = {name: perturbed_reference(preset(name)) for name in TINY}
+    ranks = run_local(_cp_worker, 2, {name: ref.state_dict() for name, ref in refs.items()})
+    for name, ref in refs.items():
+        cfg = preset(name)
+        x, _, text, clip = inputs(cfg, (FRAMES, 2, 2), timesteps=(700.0, 40.0), text_len=9)
+        t = _per_token(x, cfg)
+        xr = x.clone().requires_grad_()
+        expected = ref(xr, t, text, clip, return_dict=False)[0]
+        (expected * torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
+        ref_grads = dict(ref.named_parameters())
+        for out, dx, _, local, first, n in (r[name] for r in ranks):
+            assert rel_err(out, expected) < 1e-5, name
+            assert rel_err(dx, xr.grad) < 1e-5, name  # replicated input: each rank has the whole gradient
+            assert rel_err(local, expected[:, :, first:first + n]) < 1e-5, name
+        assert [r[name][5] for r in ranks] == [2, 1]
+        for k in ranks[0][name][2]:  # the CP gradient reduction sums the ranks' parameter gradients
+            summed = ranks[0][name][2][k] + ranks[1][name][2][k]
+            assert rel_err(summed, ref_grads[rename(k, "diffusers")].grad) < 1e-5, (name, k)
+
+
+# -- loading: diffusers folders (transformer, transformer_2) and the original layout, TP slices --------------------
+
+@pytest.fixture(scope="module")
+def original(wan22_models, tmp_path_factory):
+    """The same tiny transformers in the original Wan-AI layout (high_noise_model/, low_noise_model/)."""
+    root = tmp_path_factory.mktemp("wan22-original")
+    return {task: write_original_transformers(folder, root / task) for task, folder in wan22_models.items()}
+
+
+def _diffusers_weights(folder, sub):
+    from diffusers import WanTransformer3DModel
+
+    ref = WanTransformer3DModel.from_pretrained(folder, subfolder=sub)
+    return ref, {k: v for k, v in ref.state_dict().items()}
+
+
+@pytest.mark.parametrize("task", ["t2v-a14b", "i2v-a14b", "ti2v"])
+def test_each_expert_loads_from_both_layouts(wan22_models, original, task):
+    info = folder_info(wan22_models[task])
+    assert folder_info(original[task]) == FolderInfo("original", info.experts, info.boundary_ratio,
+                                                     info.expand_timesteps)
+    assert (info.experts, info.boundary_ratio, info.expand_timesteps) == {
+        "t2v-a14b": (EXPERTS, 0.875, False), "i2v-a14b": (EXPERTS, 0.9, False), "ti2v": ((), None, True)}[task]
+    loaded = {}
+    for expert in info.experts or (None,):
+        ref, _ = _diffusers_weights(wan22_models[task], DIFFUSERS_FOLDERS[expert or HIGH_NOISE])
+        ours = SPEC.adapter.load(WanModel, wan22_models[task], "diffusers", {}, expert=expert).eval()
+        from_original = SPEC.adapter.load(WanModel, original[task], None, {"expert": expert}).eval()
+        assert ours.wan == from_original.wan
+        assert ours.wan.expand_timesteps == info.expand_timesteps and ours.wan.is_i2v == (task == "i2v-a14b")
+        theirs = from_original.state_dict()
+        for k, v in ours.state_dict().items():
+            assert k.endswith("_extra_state") or torch.equal(v, theirs[k]), k
+        x, t, text, _ = inputs(ours.wan, (2, 2, 2), timesteps=(700.0, 40.0))
+        with torch.no_grad():
+            assert rel_err(ours(x, t, text), ref(x, t, text, return_dict=False)[0]) < 1e-5
+        loaded[expert] = ours.state_dict()
+    if info.experts:  # two different transformers, each from its own folder
+        assert not torch.equal(loaded[HIGH_NOISE]["blocks.0.modulation"], loaded[LOW_NOISE]["blocks.0.modulation"])
+
+
+def test_expert_choice_errors_name_the_folder(wan22_models, original):
+    with pytest.raises(ValueError, match=r"holds two experts \['high_noise', 'low_noise'\]; pass expert="):
+        SPEC.adapter.load(WanModel, wan22_models["t2v-a14b"], "diffusers", {})
+    with pytest.raises(ValueError, match=r"no expert 'low_noise'; it holds one transformer"):
+        SPEC.adapter.load(WanModel, wan22_models["ti2v"], "diffusers", {"expert": LOW_NOISE})
+    with pytest.raises(ValueError, match="a Wan 2.2 folder in the original layout, asked to load it as diffusers"):
+        SPEC.adapter.load(WanModel, original["t2v-a14b"], "diffusers", {"expert": HIGH_NOISE})
+
+
+def _tp_worker(folders):
+    parallel.initialize(tensor_parallel=2)
+    return parallel.tp_rank(), {f"{name}/{e}": SPEC.adapter.load(WanModel, folder, None, {"expert": e}).state_dict()
+                                for name, folder in folders.items() for e in EXPERTS}
+
+
+def test_tensor_parallel_ranks_read_their_slices_of_each_expert(wan22_models, original):
+    folders = {"diffusers": wan22_models["i2v-a14b"], "original": original["i2v-a14b"]}
+    ranks = run_local(_tp_worker, 2, folders)
+    for expert in EXPERTS:
+        whole = SPEC.adapter.load(WanModel, folders["diffusers"], None, {"expert": expert})
+        want = split_tp(whole.state_dict(), whole.wan, 2)
+        for rank, got in ranks:
+            for layout in folders:
+                mine = got[f"{layout}/{expert}"]
+                assert sorted(k for k in mine if not k.endswith("_extra_state")) == sorted(want[rank])
+                for k, v in want[rank].items():
+                    assert torch.equal(mine[k], v), (layout, expert, rank, k)
