@@ -106,7 +106,7 @@ class Trainer:
         if resume_from:
             self._check_resume(resume_from)
 
-        model = (build_expert_model(cfg, build_model) if cfg.model.expert else build_model(cfg)).to(self.device)
+        model = (build_expert_model(cfg) if cfg.model.expert else build_model(cfg)).to(self.device)
         if run.finetune == "lora":
             torch.manual_seed(run.seed)  # the same adapters on every rank and in every parallel layout
             apply_lora(model, cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))

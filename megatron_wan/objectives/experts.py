@@ -16,24 +16,22 @@ Draws stay a pure function of (seed, step, sample id): a resumed run draws what 
 """
 
 import dataclasses
-import json
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from megatron_wan.objectives.flow_matching import FlowMatching, _seed, shift_sigma
 
-EXPERTS = ("high_noise", "low_noise", "both")
+EXPERT_CHOICES = ("high_noise", "low_noise", "both")
 STEP_STREAM = -1  # the sample id of a step's own draw (the side under `both`); sample ids are >= 0
-# where each expert's weights live in a two-expert folder, by layout
-FOLDERS = {"diffusers": {"high_noise": "transformer", "low_noise": "transformer_2"},
-           "original": {"high_noise": "high_noise_model", "low_noise": "low_noise_model"}}
 
 
-def is_high_noise(timestep: torch.Tensor, boundary_ratio: float, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """Which model timesteps the high-noise expert takes: t >= boundary_ratio x num_train_timesteps (as WanPipeline)."""
-    return timestep.double() >= boundary_ratio * num_train_timesteps
+def is_high_noise(timestep: torch.Tensor, boundary_ratio: float) -> torch.Tensor:
+    """Which model timesteps [B] the high-noise expert takes (Wan 2.2's rule, `expert_for_timestep`)."""
+    from megatron_wan.models.wan22 import HIGH_NOISE, expert_for_timestep
+
+    return torch.tensor([expert_for_timestep(float(t), boundary_ratio) == HIGH_NOISE for t in timestep.reshape(-1)],
+                        dtype=torch.bool, device=timestep.device).reshape(timestep.shape)
 
 
 def _unshift(sigma: float, shift: float) -> float:
@@ -50,8 +48,8 @@ class ExpertFlow(FlowMatching):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.expert not in EXPERTS:
-            raise ValueError(f"expert: expected one of {EXPERTS}, found {self.expert!r}")
+        if self.expert not in EXPERT_CHOICES:
+            raise ValueError(f"expert: expected one of {EXPERT_CHOICES}, found {self.expert!r}")
         if not 0 < self.boundary_ratio < 1:
             raise ValueError(f"boundary_ratio: expected a number in (0, 1), found {self.boundary_ratio}")
 
@@ -81,7 +79,7 @@ class ExpertFlow(FlowMatching):
     def _on_side(self, sigma: torch.Tensor, high: bool) -> torch.Tensor:
         """`sigma`, moved by float rounding steps (never more) until the model's timestep is on the side."""
         toward = torch.tensor(1.0 if high else 0.0)
-        while bool(is_high_noise(self.model_timestep(sigma), self.boundary_ratio, self.num_train_timesteps)) != high:
+        while bool(is_high_noise(self.model_timestep(sigma), self.boundary_ratio)) != high:
             sigma = torch.nextafter(sigma, toward)
         return sigma
 
@@ -151,28 +149,19 @@ class Experts(nn.Module):
         return stitch(high_out, low_out)
 
 
-def preset_boundary(preset: str) -> float | None:
-    """The boundary_ratio a registry preset declares (Wan 2.2 A14B), or None."""
-    from megatron_wan.models import spec_for_preset
-
-    try:
-        return spec_for_preset(preset).presets[preset].get("boundary_ratio")
-    except KeyError:
-        return None
-
-
 def boundary_ratio(model_cfg) -> float | None:
-    """The boundary of `model` config: model.boundary_ratio, else the diffusers folder's model_index.json, else
-    the preset's; None when none of them has one."""
+    """The experts' boundary of the `model` config: model.boundary_ratio, else the Wan 2.2 folder's (diffusers:
+    model_index.json; original A14B: the released one), else the preset's; None when there is none."""
+    from megatron_wan.models import wan22
+
     if model_cfg.boundary_ratio is not None:
         return model_cfg.boundary_ratio
-    if model_cfg.weights and model_cfg.layout == "diffusers":
-        index = Path(model_cfg.weights) / "model_index.json"
-        if index.is_file():
-            found = json.loads(index.read_text()).get("boundary_ratio")
-            if found is not None:
-                return float(found)
-    return preset_boundary(model_cfg.preset)
+    if model_cfg.weights:
+        try:
+            return wan22.adapter.folder_info(model_cfg.weights).boundary_ratio
+        except (FileNotFoundError, ValueError):
+            return None
+    return wan22.BOUNDARY_RATIOS.get(model_cfg.preset)
 
 
 def expert_problem(cfg) -> str | None:
@@ -180,47 +169,44 @@ def expert_problem(cfg) -> str | None:
     m = cfg.model
     if m.expert is None:
         return None
-    if m.expert not in EXPERTS:
-        return f"model.expert: expected one of {list(EXPERTS)} (or null), found {m.expert!r}"
+    if m.expert not in EXPERT_CHOICES:
+        return f"model.expert: expected one of {list(EXPERT_CHOICES)} (or null), found {m.expert!r}"
     if m.boundary_ratio is not None and not 0 < m.boundary_ratio < 1:
         return f"model.boundary_ratio: expected a number in (0, 1), found {m.boundary_ratio}"
     if boundary_ratio(m) is None:
         where = m.weights or f"preset {m.preset}"
-        return (f"model.expert: {m.expert} needs the experts' boundary; {where} declares no boundary_ratio "
-                f"(a Wan 2.2 A14B folder or preset does): set model.boundary_ratio")
+        return (f"model.expert: {m.expert} needs two experts and their boundary; {where} has none (a Wan 2.2 "
+                f"A14B folder or preset has)")
     if m.expert == "both" and cfg.objective.reference == "copy_offload" and cfg.objective.mode != "sft":
         return "objective.reference: copy_offload streams one model; with model.expert=both use adapter or copy"
     return None
 
 
-def expert_weights(weights: str, layout: str, expert: str) -> str:
-    """The folder of `expert` inside a two-expert folder `weights` (diffusers: transformer/ or transformer_2/;
-    original: high_noise_model/ or low_noise_model/); `weights` itself when it is already one expert's folder."""
-    sub = Path(weights) / FOLDERS[layout][expert]
-    if sub.is_dir():
-        return str(sub)
-    if (Path(weights) / "model_index.json").exists() or any(
-            (Path(weights) / f).is_dir() for f in FOLDERS[layout].values()):
-        raise FileNotFoundError(f"model.weights: {weights} has no {FOLDERS[layout][expert]}/ folder for the "
-                                f"{expert} expert")
-    return weights
+def build_expert_model(cfg) -> nn.Module:
+    """The policy of `model.expert`: one expert of the Wan 2.2 folder model.weights (diffusers or original layout)
+    or of the preset (random init: the high-noise expert seeded with model.init_seed, the low-noise one with
+    init_seed + 1), or `Experts` of both."""
+    from megatron_wan.config import ConfigError
+    from megatron_wan.models import wan22
 
-
-def build_expert_model(cfg, build_model) -> nn.Module:
-    """The policy of `model.expert`: one expert (its folder of model.weights), or `Experts` of both. Random init
-    (no weights) seeds the high-noise expert with model.init_seed and the low-noise one with init_seed + 1.
-    `build_model(cfg)` builds one model from a config whose model.expert is null."""
     m = cfg.model
+    runtime = dict(attention_backend=m.attention_backend, layer_provider=m.layer_provider, cp_comm=m.cp_comm,
+                   recompute=m.recompute)
 
     def one(expert):
-        weights = expert_weights(m.weights, m.layout, expert) if m.weights else None
-        seed = m.init_seed + (expert == "low_noise")
-        return build_model(dataclasses.replace(cfg, model=dataclasses.replace(m, expert=None, weights=weights,
-                                                                             init_seed=seed)))
+        if m.weights:
+            model = wan22.adapter.load(wan22.WanModel, m.weights, m.layout, runtime, expert=expert)
+        else:
+            torch.manual_seed(m.init_seed + (expert == wan22.LOW_NOISE))  # every rank builds the same weights
+            model = wan22.WanModel(wan22.preset(m.preset, **runtime))
+        if model.wan.model_type != cfg.run.task:
+            raise ConfigError(f"run.task: {cfg.run.task} but the {expert} expert of {m.weights or m.preset} is "
+                              f"{model.wan.model_type}")
+        return model
 
     if m.expert != "both":
         return one(m.expert)
-    return Experts(one("high_noise"), one("low_noise"), boundary_ratio(m))
+    return Experts(one(wan22.HIGH_NOISE), one(wan22.LOW_NOISE), boundary_ratio(m))
 
 
 def flow_for(cfg, flow: FlowMatching) -> FlowMatching:
