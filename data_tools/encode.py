@@ -1,6 +1,7 @@
 """encode: GT-Pairs -> pre-encoded shards (Appendix A.2 item 4, extended to latents and I2V conditioning).
 
-`--in` is the pair stage's output (or a pairs JSONL), `--model` a Wan 2.1 folder in diffusers layout. Every
+`--in` is the pair stage's output (or a pairs JSONL), `--model` a Wan 2.1 or 2.2 folder in diffusers layout (Wan 2.2:
+its VAE, no CLIP; TI2V-5B's cond_latent is the image's latent [48, 1, H', W']). Every
 distinct video of the pairs is encoded once, into a sample keyed by its id:
   latent       VAE latent [16, F', H', W'], (z - latents_mean) / latents_std (posterior mean; --sample-posterior)
   text_emb     umT5 states of the pair's prompt, trimmed to its real length [L, 4096]
@@ -31,6 +32,7 @@ from data_tools.media import read_frames
 from data_tools.stage import Reject, input_records, read_journal, write_jsonl
 from megatron_wan.data.shards import ShardReader, ShardWriter, file_sha256
 from megatron_wan.models.wan21.conditioner import DTYPES, WanEncoders
+from megatron_wan.models.wan22.conditioner import Wan22Encoders, is_wan22_folder
 
 LIMIT = 1e3
 
@@ -84,11 +86,6 @@ def _decode(video: dict):
         frames = read_frames(video["path"])
     except Exception as e:
         raise Reject(f"cannot decode {video['path']}: {e}") from e
-    f, h, w, _ = frames.shape
-    if (f - 1) % 4:
-        raise Reject(f"{f} frames; the Wan VAE needs 4k+1 (81 after normalize)")
-    if h % 16 or w % 16:
-        raise Reject(f"{w}x{h}: sides must be multiples of 16 (VAE /8, patch /2)")
     return frames
 
 
@@ -102,6 +99,9 @@ class Encoder:
     def __call__(self, video: dict, frames) -> tuple[dict, dict]:
         enc = self.encoders
         key = video["id"]
+        problem = enc.geometry_problem(*frames.shape[:3])
+        if problem:
+            raise Reject(problem)
         generator = None
         if self.sample_posterior:
             digest = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
@@ -112,8 +112,10 @@ class Encoder:
             def conditioning():
                 with Image.open(video["image"]) as im:
                     return enc.image_conditioning(im.convert("RGB"), len(frames))
-            fields["clip_emb"], fields["cond_latent"] = self.images.get_or((video["image"], len(frames)), conditioning)
-            if fields["cond_latent"].shape[1:] != fields["latent"].shape[1:]:
+            clip, fields["cond_latent"] = self.images.get_or((video["image"], len(frames)), conditioning)
+            if clip is not None:  # Wan 2.2 conditions without CLIP tokens
+                fields["clip_emb"] = clip
+            if fields["cond_latent"].shape[2:] != fields["latent"].shape[2:]:
                 raise Reject(f"reference image {video['image']} is {Image.open(video['image']).size}, the video "
                              f"{frames.shape[2]}x{frames.shape[1]}: they must match")
         meta = {"fps": 16, "frames": len(frames), "width": frames.shape[2], "height": frames.shape[1],
@@ -224,7 +226,7 @@ def add_device_arguments(parser) -> None:
 
 def add_arguments(parser) -> None:
     parser.description = __doc__
-    parser.add_argument("--model", required=True, help="Wan 2.1 folder in diffusers layout")
+    parser.add_argument("--model", required=True, help="Wan 2.1 or 2.2 folder in diffusers layout")
     parser.add_argument("--task", choices=("t2v", "i2v"), help="default: i2v when the folder has an image_encoder")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="encoders' and stored dtype")
     add_device_arguments(parser)
@@ -239,8 +241,9 @@ def run(args) -> dict:
     i, n = args.shard
     try:
         pairs = input_records(args.input)
-        encoders = WanEncoders(args.model, args.task, args.device, DTYPES[args.dtype],
-                               offload=args.offload and args.device != "cpu")
+        family = Wan22Encoders if is_wan22_folder(args.model) else WanEncoders
+        encoders = family(args.model, args.task, args.device, DTYPES[args.dtype],
+                          offload=args.offload and args.device != "cpu")
         videos = distinct_videos(pairs, encoders.task)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"data_tools encode: {e}")

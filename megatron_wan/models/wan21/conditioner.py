@@ -125,10 +125,16 @@ class WanEncoders:
     def image_conditioning(self, image, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(clip_emb [tokens, D], cond_latent [20, F', H', W']) of a PIL reference image for a `frames`-frame
         video at the image's size, as WanImageToVideoPipeline computes them."""
-        width, height = image.size
         clip_in = self.image_processor(images=image, return_tensors="pt").pixel_values
         with self._on_device(self.image_encoder) as enc:
             clip = enc(pixel_values=clip_in.to(self.device, self.dtype), output_hidden_states=True).hidden_states[-2]
+        return clip[0].to(self.dtype).cpu(), self.mask_and_latent(image, frames)
+
+    @torch.no_grad()
+    def mask_and_latent(self, image, frames: int) -> torch.Tensor:
+        """The channel condition [4 + z_dim, F', H', W'] of a PIL image for a `frames`-frame video at its size:
+        the first-frame mask and the latent of [image, zeros...] (WanImageToVideoPipeline.prepare_latents)."""
+        width, height = image.size
         pixels = self.video_processor.preprocess(image, height=height, width=width).unsqueeze(2)
         video = torch.cat([pixels, pixels.new_zeros(1, 3, frames - 1, height, width)], dim=2)
         latent = self._encode(video, False, None)
@@ -137,7 +143,19 @@ class WanEncoders:
         mask[:, :, 1:] = 0
         mask = torch.cat([mask[:, :, :1].repeat_interleave(t, dim=2), mask[:, :, 1:]], dim=2)
         mask = mask.view(1, -1, t, *latent.shape[-2:]).transpose(1, 2)
-        return clip[0].to(self.dtype).cpu(), torch.cat([mask, latent], dim=1)[0].to(self.dtype)
+        return torch.cat([mask, latent], dim=1)[0].to(self.dtype)
+
+    def geometry_problem(self, frames: int, height: int, width: int, patch: int = 2) -> str | None:
+        """Why `frames` frames of `width` x `height` cannot be encoded for this VAE and a transformer patch of
+        `patch` (frames 1 + k x its temporal factor, sides multiples of its spatial factor x patch), or None."""
+        c = self.vae.config
+        side = c.scale_factor_spatial * patch
+        if (frames - 1) % c.scale_factor_temporal:
+            return f"{frames} frames; this VAE needs {c.scale_factor_temporal}k+1"
+        if height % side or width % side:
+            return (f"{width}x{height}: sides must be multiples of {side} (VAE /{c.scale_factor_spatial}, "
+                    f"patch /{patch})")
+        return None
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
