@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_wan.models.wan21.config import PRESETS, WanConfig
+from megatron_wan.models import FAMILIES, get_model_spec, spec_for_preset
+from megatron_wan.models.wan21.config import WanConfig
 from megatron_wan.models.wan21.lora import DEFAULT_TARGETS
 from megatron_wan.objectives.experts import expert_problem
 from megatron_wan.objectives.pair_step import PAIR_MODES
@@ -270,7 +271,7 @@ def _check_range(key: str, value, low, inclusive: bool, high) -> None:
 def check_cp_comm(cfg: Config, latent_shapes) -> None:
     """An explicit model.cp_comm that cannot run this model, dtype (and, given them, these latent shapes)."""
     m, run = cfg.model, cfg.run
-    arch = WanConfig().replace(**PRESETS[m.preset]) if m.weights is None else None
+    arch = spec_for_preset(m.preset).config(m.preset) if m.weights is None else None
     heads = arch.num_heads // run.tensor_parallel if arch else None
     head_dim = arch.head_dim if arch else 128  # Wan's
     grids = sorted({tuple(n // p for n, p in zip(shape[-3:], (arch or WanConfig()).patch_size))
@@ -310,8 +311,9 @@ def validate(cfg: Config, world_size: int | None = None, latent_shapes=None) -> 
                           f"found {cfg.lora.targets!r}")
     if not run.output_dir:
         raise ConfigError("run.output_dir: expected a directory, found an empty string")
-    if cfg.model.weights is None and cfg.model.preset not in PRESETS:
-        raise ConfigError(f"model.preset: unknown {cfg.model.preset!r}; known: {sorted(PRESETS)}")
+    presets = [p for name in FAMILIES for p in get_model_spec(name).presets]
+    if cfg.model.weights is None and cfg.model.preset not in presets:
+        raise ConfigError(f"model.preset: unknown {cfg.model.preset!r}; known: {sorted(presets)}")
     if obj.mode != "sft":
         try:
             sft_weight_fn(obj.sft_weight)

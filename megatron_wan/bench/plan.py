@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from megatron_wan.bench.flops import CLIP_TOKENS, step_flops, video_tokens
 from megatron_wan.bench.meters import DEVICE_PEAKS
 from megatron_wan.config import Config, LoraConfig, ModelConfig, ObjectiveConfig, RunConfig, validate
+from megatron_wan.models import spec_for_preset
 from megatron_wan.models.wan21.adapter import param_table
-from megatron_wan.models.wan21.config import WanConfig, preset
+from megatron_wan.models.wan21.config import WanConfig
 
 GIB = 2**30
 FP32 = 4
@@ -172,6 +173,7 @@ class Setup:
     recompute: bool = True
     pair_mode: str = "sequential"
     pairs: int = 1  # pairs per data-parallel rank per step (run.batch_size)
+    expert: str | None = None  # Wan 2.2 A14B: model.expert; `both` holds both experts' weights and state
     text_len: int = 512
     encoders: str = "pre"  # "pre": pre-encoded shards; "gpu": umT5, CLIP and VAE resident
     gpu: str = "h100"
@@ -192,7 +194,7 @@ class Setup:
         validate(self.trainer_config(), self.gpus)  # what megatron_wan.train would reject, rejected here
 
     def config(self) -> WanConfig:
-        return preset(self.preset)
+        return spec_for_preset(self.preset).config(self.preset)
 
     def trainer_config(self) -> Config:
         """The run config of megatron_wan.train for this setup."""
@@ -200,7 +202,7 @@ class Setup:
             run=RunConfig(task=self.config().model_type, finetune=self.finetune, tensor_parallel=self.tp,
                           context_parallel=self.cp, batch_size=self.pairs, engine=self.engine,
                           dp_shard=self.dp_shard),
-            model=ModelConfig(preset=self.preset, recompute=self.recompute),
+            model=ModelConfig(preset=self.preset, recompute=self.recompute, expert=self.expert),
             objective=ObjectiveConfig(pair_mode=self.pair_mode, reference=self.reference),
             lora=LoraConfig(rank=self.lora_rank) if self.finetune == "lora" else None,
         )
@@ -255,6 +257,10 @@ def memory(setup: Setup) -> dict:
         weights, grads, optimizer = gathered, min(trained, DEEPSPEED_REDUCE_BUCKET) * BF16, 0
         reference_copy = local * base_bytes + lora * FP32
     reference = {"adapter": 0, "copy": reference_copy, "copy_offload": block * base_bytes}[setup.reference]
+    if setup.expert == "both":  # A14B: the other expert's weights, optimizer state and copy stay resident; one
+        # expert computes per step, so gathered blocks, gradients and activations are one expert's
+        weights += state["weights"] + count["other"] * BF16 if setup.engine == "megatron" else 0
+        optimizer, reference = 2 * optimizer, 2 * reference
     act_bytes = BF16  # FSDP2 computes with bf16 copies of every parameter (biases too), ZeRO-3 in bf16
     acts = activation_bytes(cfg, setup.local_grid(), setup.text_len, setup.samples_per_gpu(), tp, setup.cp,
                             act_bytes, setup.recompute, 0 if full else setup.lora_rank)
@@ -355,7 +361,7 @@ def main(argv=None):
         if field.type is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
         else:
-            ap.add_argument(flag, type=type(field.default), default=field.default)
+            ap.add_argument(flag, type=str if field.default is None else type(field.default), default=field.default)
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     args = vars(ap.parse_args(argv))
     as_json = args.pop("json")
