@@ -83,3 +83,14 @@ def test_i2v_a14b_condition_equals_the_pipeline(wan22_models):
 def test_geometry_comes_from_the_vae_config(wan22_models, task, frames, height, width, problem):
     found = Wan22Encoders(wan22_models[task], "t2v", components=("vae",)).geometry_problem(frames, height, width)
     assert found == problem if problem is None else problem in found
+
+
+def test_normalize_formats():
+    from data_tools.normalize import Spec, format_spec
+
+    ti2v = format_spec("wan2.2-ti2v")
+    assert (ti2v.fps, ti2v.frames, ti2v.size("16:9"), ti2v.size("9:16")) == (24, 121, (1280, 704), (704, 1280))
+    assert all(side % 32 == 0 for a in ti2v.aspects for side in ti2v.size(a))  # TI2V-5B: VAE /16, patch /2
+    assert format_spec("wan2.1") == Spec() and Spec().size("16:9") == (1280, 720)
+    small = format_spec("wan2.2-ti2v", min_side=64, frames=9)
+    assert (small.fps, small.frames, small.size("16:9")) == (24, 9, (112, 64))  # a given side: computed buckets

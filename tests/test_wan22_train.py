@@ -172,3 +172,19 @@ def test_both_experts_route_by_t_and_resume_exactly(a14b, tmp_path):
     assert [r["step"] for r in again] == list(range(1, 9))
     for k in (*LOSSES, "timestep_min", "timestep_max"):
         assert [r[k] for r in again] == [r[k] for r in rows], k  # bit for bit
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("wan2.2-*.yaml")), ids=lambda p: p.stem)
+def test_wan22_recipes_are_appendix_a7(recipe):
+    """The Wan 2.1 recipes' A.7 settings; A14B recipes train one expert each, on the preset's boundary."""
+    from megatron_wan.config import validate
+
+    cfg = load_config(recipe)
+    validate(cfg, 8)
+    assert (cfg.run.context_parallel, cfg.run.batch_size, cfg.optim.lr, cfg.run.save_every) == (4, 1, 5e-6, 300)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.objective.beta, cfg.objective.sft_weight) == (16, 32, 500, "dgr")
+    expert = next((e for e in ("high_noise", "low_noise") if e.replace("_", "-") in recipe.stem), None)
+    assert cfg.model.expert == expert and cfg.model.preset in recipe.stem
+    assert boundary_ratio(cfg.model) == {"t2v-a14b": 0.875, "i2v-a14b": 0.9, "ti2v-5b": None}[
+        cfg.model.preset.removeprefix("wan2.2-")]
+    assert cfg.run.task == ("i2v" if "-i2v-" in recipe.stem else "t2v")

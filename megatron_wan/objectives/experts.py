@@ -16,6 +16,7 @@ Draws stay a pure function of (seed, step, sample id): a resumed run draws what 
 """
 
 import dataclasses
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -151,17 +152,17 @@ class Experts(nn.Module):
 
 def boundary_ratio(model_cfg) -> float | None:
     """The experts' boundary of the `model` config: model.boundary_ratio, else the Wan 2.2 folder's (diffusers:
-    model_index.json; original A14B: the released one), else the preset's; None when there is none."""
+    model_index.json; original A14B: the released one), else (no such folder) the preset's; None when none."""
     from megatron_wan.models import wan22
 
     if model_cfg.boundary_ratio is not None:
         return model_cfg.boundary_ratio
-    if model_cfg.weights:
+    if model_cfg.weights and Path(model_cfg.weights).is_dir():
         try:
             return wan22.adapter.folder_info(model_cfg.weights).boundary_ratio
         except (FileNotFoundError, ValueError):
             return None
-    return wan22.BOUNDARY_RATIOS.get(model_cfg.preset)
+    return wan22.BOUNDARY_RATIOS.get(model_cfg.preset)  # also for a recipe checked before its folder exists
 
 
 def expert_problem(cfg) -> str | None:
