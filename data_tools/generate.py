@@ -16,6 +16,10 @@ One process per GPU (`--workers` is not used): spread the GT videos over GPUs wi
 Weights: `--model` is a Wan 2.1 folder in diffusers layout (umT5, VAE, for I2V CLIP, and unless `--transformer` is
 given, its transformer/); `--transformer` is a diffusers transformer folder or, with `--layout original`, an original
 Wan-AI checkpoint folder. On a CPU, use a tiny random folder (megatron_wan.models.wan21.tiny.write_tiny_wan).
+A Wan 2.2 folder samples with both A14B experts (switching at the folder's boundary_ratio; `--guidance-scale-2` is the
+low-noise expert's scale), or TI2V-5B (`--task i2v` conditions it on the GT's reference image as its first frame);
+`--transformer` is then a folder holding both experts (diffusers pipeline layout, or high_noise_model/ and
+low_noise_model/ with `--layout original`).
 """
 
 import glob
@@ -102,6 +106,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--shift", type=float, default=5.0, help="sigma shift: Wan 2.1 uses 5.0 at 720p, 3.0 at 480p")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (<= 1: none)")
+    parser.add_argument("--guidance-scale-2", type=float, default=None,
+                        help="Wan 2.2 A14B: the low-noise expert's guidance (default: --guidance-scale)")
+    parser.add_argument("--task", choices=("t2v", "i2v"), default=None,
+                        help="default: the folder's; Wan 2.2 TI2V-5B does both (i2v: the GT image as first frame)")
     parser.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="default: Wan 2.1's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32",
@@ -118,8 +126,10 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     try:
         gts = [r for k, r in enumerate(input_records(args.input)) if k % n == i]
-        config = SamplingConfig(args.solver, args.steps, args.shift, args.guidance_scale, args.negative_prompt)
+        config = SamplingConfig(args.solver, args.steps, args.shift, args.guidance_scale, args.negative_prompt,
+                                guidance_scale_2=args.guidance_scale_2)
         sampler = WanSampler(args.model, transformer=args.transformer, layout=args.layout, device=args.device,
+                             task=args.task,
                              dtype=DTYPES[args.dtype], encoder_dtype=DTYPES[args.encoder_dtype],
                              offload=args.offload and args.device != "cpu")
     except (FileNotFoundError, KeyError, ValueError) as e:

@@ -252,6 +252,49 @@ def _atomic_dir(final: Path):
     os.replace(tmp, final)
 
 
+def write_formats(trained: Trained, targets: dict[str, Path], torch_dtype, max_shard_size) -> None:
+    """Write `trained` in each format of `targets` ({format: folder}), each folder renamed into place when whole."""
+    adapters = trained.weights
+    if torch_dtype is not None and trained.lora:
+        adapters = {k: v.to(torch_dtype) for k, v in adapters.items()}
+    writers = {"peft": write_peft, "diffusers": write_diffusers, "comfyui": write_comfyui}
+    for fmt, final in targets.items():
+        with _atomic_dir(final) as tmp:
+            if fmt == "transformer":
+                write_transformer(trained, torch_dtype, tmp, max_shard_size)
+            else:
+                writers[fmt](trained, adapters, tmp)
+
+
+def expert_targets(out, formats, experts) -> dict[str, dict[str, Path]]:
+    """Where each Wan 2.2 expert's formats go: the merged transformers as the pipeline's `transformer/` (high noise)
+    and `transformer_2/` (low noise), the adapters as a pair FORMAT/high_noise/ and FORMAT/low_noise/."""
+    from megatron_wan.models.wan22 import DIFFUSERS_FOLDERS
+
+    out = Path(out)
+    return {e: {f: out / DIFFUSERS_FOLDERS[e] if f == "transformer" else out / f / e for f in formats}
+            for e in experts}
+
+
+def export_experts(trained: dict, out, formats, dtype: str | None = None, max_shard_size="5GB") -> dict:
+    """Wan 2.2 A14B: write each expert's `Trained` ({'high_noise': ..., 'low_noise': ...}) at `expert_targets`:
+    `WanPipeline.from_pretrained(BASE, transformer=..., transformer_2=...)` takes the two transformer folders;
+    `pipe.load_lora_weights(OUT/diffusers/high_noise)` and `(OUT/diffusers/low_noise, load_into_transformer_2=True)`
+    the adapter pair. Returns {expert: {format: path}}."""
+    from megatron_wan.models.wan22 import EXPERTS
+
+    unknown = sorted(set(trained) - set(EXPERTS)) + [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"export_experts: unknown expert(s) or format(s) {unknown}; experts {list(EXPERTS)}, "
+                         f"formats {list(FORMATS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {list(DTYPES)}, found {dtype!r}")
+    targets = expert_targets(out, formats, trained)
+    for expert, t in trained.items():
+        write_formats(t, targets[expert], DTYPES.get(dtype), max_shard_size)
+    return targets
+
+
 def export(checkpoint, out, formats=None, base=None, dtype: str | None = None, max_shard_size="5GB",
            overwrite: bool = False) -> dict[str, Path]:
     """Write `checkpoint` to `out`/FORMAT for each of `formats` (default: the adapter formats of a LoRA run, the
@@ -273,16 +316,7 @@ def export(checkpoint, out, formats=None, base=None, dtype: str | None = None, m
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing} exist; remove them or pass overwrite=True (--overwrite)")
-    adapters = trained.weights
-    if torch_dtype is not None and trained.lora:
-        adapters = {k: v.to(torch_dtype) for k, v in adapters.items()}
-    writers = {"peft": write_peft, "diffusers": write_diffusers, "comfyui": write_comfyui}
-    for fmt, final in targets.items():
-        with _atomic_dir(final) as tmp:
-            if fmt == "transformer":
-                write_transformer(trained, torch_dtype, tmp, max_shard_size)
-            else:
-                writers[fmt](trained, adapters, tmp)
+    write_formats(trained, targets, torch_dtype, max_shard_size)
     run = trained.config["run"]
     kind = f"LoRA rank {trained.lora['rank']} alpha {trained.lora['alpha']}" if trained.lora else "full fine-tune"
     print(f"export: step {trained.step} of {trained.path} ({kind}, {run['engine']} engine, TP={run['tensor_parallel']})"

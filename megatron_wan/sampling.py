@@ -18,6 +18,10 @@ from megatron_wan import parallel
 from megatron_wan.models.wan21 import WanModel
 from megatron_wan.models.wan21.adapter import LAYOUTS
 from megatron_wan.models.wan21.conditioner import WanEncoders, pad_text
+from megatron_wan.models.wan22 import LOW_NOISE
+from megatron_wan.models.wan22.adapter import is_wan22_folder
+from megatron_wan.models.wan22.conditioner import Wan22Encoders
+from megatron_wan.models.wan22.experts import ExpertPair, load_denoiser
 from megatron_wan.objectives.pair_step import Conditions
 from megatron_wan.parallel.context_parallel import FrameShard
 from megatron_wan.video_io import encode_h264
@@ -34,7 +38,8 @@ FPS = 16  # Wan 2.1's frame rate
 @dataclass(frozen=True)
 class SamplingConfig:
     """Solver and guidance; the defaults are Wan 2.1's (50 UniPC steps, shift 5.0 at 720p, 3.0 at 480p; CFG 5.0).
-    guidance_scale <= 1 turns classifier-free guidance off, as in diffusers."""
+    guidance_scale <= 1 turns classifier-free guidance off, as in diffusers. Wan 2.2 A14B: guidance_scale is the
+    high-noise expert's, guidance_scale_2 the low-noise one's (None: the same), as WanPipeline takes them."""
 
     solver: str = "unipc"
     steps: int = 50
@@ -42,6 +47,7 @@ class SamplingConfig:
     guidance_scale: float = 5.0
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     num_train_timesteps: int = 1000
+    guidance_scale_2: float | None = None
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -52,6 +58,12 @@ class SamplingConfig:
     @property
     def guided(self) -> bool:
         return self.guidance_scale > 1
+
+    def scale(self, expert: str | None) -> float:
+        """The guidance scale of a step denoised by `expert` (None: the only transformer)."""
+        if expert == LOW_NOISE and self.guidance_scale_2 is not None:
+            return self.guidance_scale_2
+        return self.guidance_scale
 
     def scheduler(self):
         """A fresh diffusers scheduler: FlowMatchEulerDiscreteScheduler, or UniPCMultistepScheduler configured for
@@ -87,31 +99,67 @@ def _batched(t: torch.Tensor | None, b: int, name: str):
     return t.expand(b, *t.shape[1:])
 
 
+class FirstFrame:
+    """Wan 2.2 TI2V image-to-video: the image's latent [B, C, 1, H, W] stands in for the first latent frame of the
+    model's input and of the result, whose tokens get timestep 0 (WanImageToVideoPipeline with expand_timesteps)."""
+
+    def __init__(self, image_latent: torch.Tensor, shard: FrameShard):
+        self.image, self.shard = image_latent, shard
+        f, h, w = shard.grid
+        self.moving = torch.ones(f, h, w)  # 1 for the tokens that are denoised, 0 for the image's
+        self.moving[0] = 0
+
+    def apply(self, latents: torch.Tensor) -> torch.Tensor:
+        """This rank's latent frames with the first frame of the video replaced by the image's latent."""
+        if self.shard.first_frame != 0:
+            return latents
+        return torch.cat([self.image.to(latents), latents[:, :, 1:]], dim=2)
+
+    def timesteps(self, t: torch.Tensor, b: int) -> torch.Tensor:
+        """Per-token timesteps [B, f*h*w] of the whole video: 0 on the first frame, t elsewhere."""
+        return (self.moving.to(t.device) * t).flatten()[None].expand(b, -1)
+
+
 @torch.no_grad()
-def denoise(model: WanModel, noise: torch.Tensor, cond: Conditions, negative_text: torch.Tensor | None,
+def denoise(model, noise: torch.Tensor, cond: Conditions, negative_text: torch.Tensor | None,
             config: SamplingConfig) -> torch.Tensor:
-    """Latents [B, 16, F, H, W] sampled from `noise` (the whole video, the same on every CP rank) under `cond`
-    (text [1 or B, L, text_dim]; I2V: clip and the 20-channel cond latent) and, when guided, against
-    `negative_text`; returned whole on every rank, each rank having stepped only its own frames."""
+    """Latents [B, C, F, H, W] sampled from `noise` (the whole video, the same on every CP rank) under `cond`
+    (text [1 or B, L, text_dim]; Wan 2.1 I2V: clip and the 20-channel cond latent; Wan 2.2 I2V-A14B: the cond
+    latent; TI2V: the first frame's latent [1 or B, C, 1, H, W] as `cond`) and, when guided, against
+    `negative_text`; returned whole on every rank, each rank having stepped only its own frames. `model` is a
+    WanModel or Wan 2.2's ExpertPair, whose expert of each step is chosen by its timestep, with its guidance
+    scale (`SamplingConfig.scale`)."""
     if config.guided and negative_text is None:
         raise ValueError(f"sampling: guidance_scale={config.guidance_scale} needs the negative prompt's text_emb")
-    b, patch = noise.shape[0], model.wan.patch_size
+    experts = model if isinstance(model, ExpertPair) else None
+    wan = model.wan
+    b, patch = noise.shape[0], wan.patch_size
     shard = FrameShard.current(tuple(n // p for n, p in zip(noise.shape[2:], patch)), patch[0])
     text, clip = _batched(cond.text, b, "text_emb"), _batched(cond.clip, b, "clip_emb")
     negative = _batched(negative_text, b, "negative text_emb")
-    cond_frames = None if cond.cond is None else shard.local_latents(_batched(cond.cond, b, "cond_latent"))
-    dtype = model.patch_embedding.weight.dtype
+    first_frame = cond_frames = None
+    if cond.cond is not None and wan.expand_timesteps:
+        first_frame = FirstFrame(_batched(cond.cond, b, "first-frame latent"), shard)
+    elif cond.cond is not None:
+        cond_frames = shard.local_latents(_batched(cond.cond, b, "cond_latent"))
+    dtype = (experts.high_noise if experts else model).patch_embedding.weight.dtype
     latents = shard.local_latents(noise.float())
     scheduler = config.scheduler()
     scheduler.set_timesteps(config.steps, device=noise.device)
     scheduler.set_begin_index(0)
     for t in scheduler.timesteps:
-        x = (latents if cond_frames is None else torch.cat([latents, cond_frames.to(latents)], dim=1)).to(dtype)
-        pred = model(x, t, text, clip, gather_output=False, shard=shard)[0]
+        current, scale = (experts.model(t), config.scale(experts.expert(t))) if experts else (model, config.scale(None))
+        x, timestep = latents, t
+        if first_frame is not None:
+            x, timestep = first_frame.apply(latents), first_frame.timesteps(t, b)
+        x = (x if cond_frames is None else torch.cat([x, cond_frames.to(x)], dim=1)).to(dtype)
+        pred = current(x, timestep, text, clip, gather_output=False, shard=shard)[0]
         if config.guided:
-            uncond = model(x, t, negative, clip, gather_output=False, shard=shard)[0]
-            pred = uncond + config.guidance_scale * (pred - uncond)
+            uncond = current(x, timestep, negative, clip, gather_output=False, shard=shard)[0]
+            pred = uncond + scale * (pred - uncond)
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+    if first_frame is not None:
+        latents = first_frame.apply(latents)
     return gather_frames(latents, shard)
 
 
@@ -128,14 +176,20 @@ class WanSampler:
     `device`, by default this rank's CUDA device when there is one (parallel.default_device)."""
 
     def __init__(self, model_dir, *, transformer=None, layout: str = "diffusers", device=None,
-                 dtype=torch.float32, encoder_dtype=torch.float32, offload: bool = False):
+                 dtype=torch.float32, encoder_dtype=torch.float32, offload: bool = False, task: str | None = None):
         if layout not in LAYOUTS or (layout == "original" and transformer is None):
             raise ValueError(f"layout {layout!r}: expected 'diffusers', or 'original' with a transformer folder")
         device = parallel.default_device() if device is None else device
-        self.encoders = WanEncoders(model_dir, None, device, encoder_dtype, offload)
-        loader = WanModel.from_diffusers if layout == "diffusers" else WanModel.from_original
-        self.model = loader(transformer or model_dir, params_dtype=dtype).to(self.encoders.device).eval()
-        if self.model.wan.model_type != self.encoders.task:
+        if is_wan22_folder(model_dir):  # both A14B experts (of model_dir, or of `transformer`'s folder)
+            self.encoders = Wan22Encoders(model_dir, task, device, encoder_dtype, offload)
+            self.model = load_denoiser(WanModel, transformer or model_dir, layout if transformer else None,
+                                       params_dtype=dtype)
+        else:
+            self.encoders = WanEncoders(model_dir, task, device, encoder_dtype, offload)
+            loader = WanModel.from_diffusers if layout == "diffusers" else WanModel.from_original
+            self.model = loader(transformer or model_dir, params_dtype=dtype)
+        self.model = self.model.to(self.encoders.device).eval()
+        if self.model.wan.model_type != self.encoders.task and not self.model.wan.expand_timesteps:  # TI2V: both
             raise ValueError(f"{transformer or model_dir}: a {self.model.wan.model_type} transformer, but the "
                              f"encoders of {model_dir} are {self.encoders.task}'s")
         self._negative = {}  # the negative prompt's text_emb, computed once
@@ -167,12 +221,14 @@ class WanSampler:
             return Conditions(self.text(prompt))
         if image is None:
             raise ValueError("I2V sampling needs a reference image")
-        clip, cond = self.encoders.image_conditioning(image, frames)
-        return Conditions(self.text(prompt), clip[None].to(self.encoders.device), cond[None].to(self.encoders.device))
+        clip, cond = self.encoders.image_conditioning(image, frames)  # Wan 2.2: no CLIP tokens
+        clip = None if clip is None else clip[None].to(self.encoders.device)
+        return Conditions(self.text(prompt), clip, cond[None].to(self.encoders.device))
 
     def sample(self, cond: Conditions, shape, seeds, config: SamplingConfig) -> torch.Tensor:
         """Latents [len(seeds), *shape] under `cond`, one seed per sample (see `denoise`)."""
-        if cond.cond is not None and tuple(cond.cond.shape[2:]) != tuple(shape[1:]):
+        frames = 1 if self.model.wan.expand_timesteps else shape[1]  # TI2V: the first frame's latent
+        if cond.cond is not None and tuple(cond.cond.shape[2:]) != (frames, *shape[2:]):
             raise ValueError(f"I2V sampling: the reference image gives latent frames of {list(cond.cond.shape[2:])}, "
                              f"the video {list(shape[1:])}; the image must have the video's size")
         negative = None

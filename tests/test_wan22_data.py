@@ -1,6 +1,6 @@
 """Wan 2.2 encoding against diffusers on tiny random folders written by `save_pretrained`: the TI2V-5B VAE's
 latents (48 channels, residual, patch 2) equal AutoencoderKLWan's on the same frames, TI2V's first-frame condition
-and per-token timesteps equal what WanImageToVideoPipeline builds with expand_timesteps, I2V-A14B's channel
+equals what WanImageToVideoPipeline builds with expand_timesteps, I2V-A14B's channel
 condition equals its prepare_latents, and the geometry each VAE accepts comes from its config."""
 
 import numpy as np
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_wan.models.wan22.conditioner import Wan22Encoders, first_frame_timesteps, folder_task, is_wan22_folder
+from megatron_wan.models.wan22.conditioner import Wan22Encoders, folder_task, is_wan22_folder
 
 
 def _frames(f, h, w, seed=0):
@@ -38,7 +38,7 @@ def test_ti2v_latents_equal_autoencoderklwan(wan22_models):
     assert _rel(ours, theirs) < 1e-5
 
 
-def test_ti2v_condition_and_timesteps_equal_the_pipeline(wan22_models):
+def test_ti2v_condition_equals_the_pipeline(wan22_models):
     from diffusers import WanImageToVideoPipeline
 
     folder = wan22_models["ti2v"]
@@ -54,9 +54,7 @@ def test_ti2v_condition_and_timesteps_equal_the_pipeline(wan22_models):
     assert ours[0] is None  # no CLIP tokens in Wan 2.2
     assert ours[1].shape == condition[0].shape == (48, 1, 4, 6)
     assert _rel(ours[1], condition[0]) < 1e-5
-    t = torch.tensor([700.0, 20.0])
-    theirs = torch.stack([(first_frame_mask[0][0][:, ::2, ::2] * v).flatten() for v in t])  # the pipeline's loop
-    torch.testing.assert_close(first_frame_timesteps(t, (3, 2, 3)), theirs, rtol=0, atol=0)
+    assert first_frame_mask.shape[2:] == (3, 4, 6)  # the latent grid the condition replaces the first frame of
 
 
 def test_i2v_a14b_condition_equals_the_pipeline(wan22_models):

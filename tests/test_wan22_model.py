@@ -208,3 +208,67 @@ def test_tensor_parallel_ranks_read_their_slices_of_each_expert(wan22_models, or
                 assert sorted(k for k in mine if not k.endswith("_extra_state")) == sorted(want[rank])
                 for k, v in want[rank].items():
                     assert torch.equal(mine[k], v), (layout, expert, rank, k)
+
+
+# -- export: merged transformer/ + transformer_2/, per-expert LoRA pairs ------------------------------------------
+
+def _trained_expert(folder, expert, seed):
+    """A LoRA run's Trained for one expert of a tiny A14B folder: random adapters on two modules of each block."""
+    from megatron_wan.export import Trained
+    from megatron_wan.models.wan22.adapter import _open_folder
+
+    src, cfg, _ = _open_folder(folder, expert, "diffusers")
+    g, rank, adapters = torch.Generator().manual_seed(seed), 4, {}
+    for b in range(cfg.num_layers):
+        for module, (i, o) in {"self_attention.linear_q": (cfg.dim, cfg.dim),
+                               "mlp.linear_fc1": (cfg.dim, cfg.ffn_dim)}.items():
+            adapters[f"blocks.{b}.{module}.lora_A.weight"] = torch.randn(rank, i, generator=g) * 0.1
+            adapters[f"blocks.{b}.{module}.lora_B.weight"] = torch.randn(o, rank, generator=g) * 0.1
+    config = {"run": {"finetune": "lora"}, "model": {"layout": "diffusers"}, "lora": {"rank": rank, "alpha": 8.0}}
+    return Trained(folder, 1, config, cfg, src, adapters)
+
+
+def test_expert_export_loads_in_diffusers_with_transformer_2(wan22_models, tmp_path):
+    from diffusers import WanPipeline, WanTransformer3DModel
+    from peft import PeftModel
+
+    from megatron_wan.export import export_experts
+
+    base = wan22_models["t2v-a14b"]
+    trained = {e: _trained_expert(base, e, seed) for seed, e in enumerate(EXPERTS)}
+    written = export_experts(trained, tmp_path, ["transformer", "peft", "diffusers", "comfyui"])
+    assert written[LOW_NOISE]["transformer"] == tmp_path / "transformer_2"
+    assert (written[LOW_NOISE]["comfyui"] / "lora.safetensors").is_file()
+    merged = WanPipeline.from_pretrained(
+        base, transformer=WanTransformer3DModel.from_pretrained(tmp_path / "transformer"),
+        transformer_2=WanTransformer3DModel.from_pretrained(tmp_path / "transformer_2"))
+    lora = WanPipeline.from_pretrained(base)
+    lora.load_lora_weights(written[HIGH_NOISE]["diffusers"])
+    lora.load_lora_weights(written[LOW_NOISE]["diffusers"], load_into_transformer_2=True)
+    plain = WanPipeline.from_pretrained(base)
+    cfg = preset("tiny-wan2.2-t2v-a14b")
+    x, t, text, _ = inputs(cfg, (2, 2, 2), timesteps=(900.0, 300.0))
+
+    def predict(model):
+        with torch.no_grad():
+            return model(x, t, text, return_dict=False)[0]
+
+    for expert, sub in DIFFUSERS_FOLDERS.items():
+        want = predict(getattr(lora, sub))  # diffusers' own LoRA loader on the base expert
+        assert rel_err(predict(getattr(merged, sub)), want) < 1e-5, expert
+        peft = PeftModel.from_pretrained(WanTransformer3DModel.from_pretrained(base, subfolder=sub),
+                                         written[expert]["peft"])
+        assert rel_err(predict(peft), want) < 1e-5, expert
+        assert rel_err(predict(getattr(plain, sub)), want) > 1e-3, expert  # the adapters matter
+
+
+def test_a_lone_diffusers_transformer_folder_loads_as_one_model(wan22_models):
+    from megatron_wan.models.wan22.experts import load_denoiser
+
+    sub = wan22_models["i2v-a14b"] / DIFFUSERS_FOLDERS[LOW_NOISE]
+    assert folder_info(sub) == FolderInfo("diffusers", (), None, False)
+    lone = load_denoiser(WanModel, sub, "diffusers")
+    pair = load_denoiser(WanModel, wan22_models["i2v-a14b"])
+    assert (pair.boundary_ratio, lone.wan.model_type) == (0.9, "i2v")
+    for k, v in pair.low_noise.state_dict().items():
+        assert k.endswith("_extra_state") or torch.equal(v, lone.state_dict()[k]), k

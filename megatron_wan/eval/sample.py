@@ -62,7 +62,8 @@ def sample_method(sampler, items: list[dict], out: Path, args) -> int:
 
     from megatron_wan.sampling import SamplingConfig, save_video
 
-    config = SamplingConfig(args.solver, args.steps, args.shift, args.guidance_scale)
+    config = SamplingConfig(args.solver, args.steps, args.shift, args.guidance_scale,
+                            guidance_scale_2=args.guidance_scale_2)
     out.mkdir(parents=True, exist_ok=True)
     prompts, written = {}, 0
     for i, item in enumerate(items):
@@ -99,6 +100,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--shift", type=float, default=5.0)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--guidance-scale-2", type=float, default=None,
+                        help="Wan 2.2 A14B: the low-noise expert's guidance (default: --guidance-scale)")
+    parser.add_argument("--task", choices=("t2v", "i2v"), default=None,
+                        help="default: the folder's; Wan 2.2 TI2V-5B does both (i2v: the image as first frame)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--context-parallel", type=int, default=None, help="default: the world size")
 
@@ -121,7 +126,7 @@ def run(args) -> dict:
     counts = {}
     for name, checkpoint in methods:
         transformer = _transformer(name, checkpoint, args.model, args.out / "_transformers") if checkpoint else None
-        sampler = WanSampler(args.model, transformer=transformer)
+        sampler = WanSampler(args.model, transformer=transformer, task=args.task)
         counts[name] = sample_method(sampler, items, args.out / name, args)
         if dist.get_rank() == 0:
             print(f"sample: {name}: {counts[name]} new videos ({len(items) * args.videos_per_prompt} in all) -> "

@@ -128,15 +128,19 @@ class WanEncoders:
         clip_in = self.image_processor(images=image, return_tensors="pt").pixel_values
         with self._on_device(self.image_encoder) as enc:
             clip = enc(pixel_values=clip_in.to(self.device, self.dtype), output_hidden_states=True).hidden_states[-2]
-        return clip[0].to(self.dtype).cpu(), self.mask_and_latent(image, frames)
+        return clip[0].to(self.dtype).cpu(), self.cond_latent(image, frames)
+
+    def image_pixels(self, image) -> torch.Tensor:
+        """A PIL image as the VAE's input [1, 3, 1, H, W] at its own size, as the pipelines preprocess it."""
+        width, height = image.size
+        return self.video_processor.preprocess(image, height=height, width=width).unsqueeze(2)
 
     @torch.no_grad()
-    def mask_and_latent(self, image, frames: int) -> torch.Tensor:
-        """The channel condition [4 + z_dim, F', H', W'] of a PIL image for a `frames`-frame video at its size:
-        the first-frame mask and the latent of [image, zeros...] (WanImageToVideoPipeline.prepare_latents)."""
-        width, height = image.size
-        pixels = self.video_processor.preprocess(image, height=height, width=width).unsqueeze(2)
-        video = torch.cat([pixels, pixels.new_zeros(1, 3, frames - 1, height, width)], dim=2)
+    def cond_latent(self, image, frames: int) -> torch.Tensor:
+        """The 20-channel condition latent [20, F', H', W'] (4-channel first-frame mask + the VAE latent of
+        [image, zeros...]) of a PIL reference image for a `frames`-frame video, as WanImageToVideoPipeline builds it."""
+        pixels = self.image_pixels(image)
+        video = torch.cat([pixels, pixels.new_zeros(1, 3, frames - 1, *pixels.shape[-2:])], dim=2)
         latent = self._encode(video, False, None)
         t = self.vae.config.scale_factor_temporal
         mask = torch.ones(1, 1, frames, *latent.shape[-2:])

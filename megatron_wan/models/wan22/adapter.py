@@ -35,6 +35,7 @@ from megatron_wan.models.wan22.config import BOUNDARY_RATIOS, DIFFUSERS_FOLDERS,
 
 __all__ = ["LAYOUTS", "Param", "SafetensorsSource", "StateDictSource", "config_from_diffusers", "config_to_diffusers",
            "FolderInfo", "config_from_original", "config_to_original", "expert_folder", "folder_info", "from_ours",
+           "is_wan22_folder",
            "load", "merge_tp", "param_table", "rename", "split_tp", "to_ours"]
 
 # released boundary of an original A14B folder (its config.json does not hold it), by model_type
@@ -96,10 +97,22 @@ def folder_info(folder) -> FolderInfo:
                              f"expected one of {sorted(ORIGINAL_BOUNDARY)} for a pair of experts")
         return FolderInfo("original", EXPERTS, ORIGINAL_BOUNDARY[model_type], False)
     if (folder / "config.json").is_file():
-        cfg = config_from_original(json.loads((folder / "config.json").read_text()))
-        return FolderInfo("original", (), None, cfg.expand_timesteps)
+        raw = json.loads((folder / "config.json").read_text())
+        if raw.get("_class_name") == "WanTransformer3DModel":  # one diffusers transformer (per-token: its pipeline's)
+            return FolderInfo("diffusers", (), None, False)
+        return FolderInfo("original", (), None, config_from_original(raw).expand_timesteps)
     raise FileNotFoundError(f"{folder}: not a Wan 2.2 folder (no model_index.json, no {ORIGINAL_FOLDERS[EXPERTS[0]]}/"
                             f" and {ORIGINAL_FOLDERS[EXPERTS[1]]}/, no config.json)")
+
+
+def is_wan22_folder(folder) -> bool:
+    """Whether a diffusers pipeline folder holds a Wan 2.2 model: a pair of experts (transformer_2) or
+    per-token timesteps (expand_timesteps) in its model_index.json."""
+    index_file = Path(folder) / "model_index.json"
+    if not index_file.is_file():
+        return False
+    index = _index(Path(folder))
+    return index.get("transformer_2") not in (None, [None, None]) or bool(index.get("expand_timesteps"))
 
 
 def expert_folder(folder, expert: str | None = None) -> Path:
@@ -111,7 +124,7 @@ def expert_folder(folder, expert: str | None = None) -> Path:
     if expert is not None and expert not in info.experts:
         has = f"its experts are {list(info.experts)}" if info.experts else "it holds one transformer (expert=None)"
         raise ValueError(f"{folder}: no expert {expert!r}; {has}")
-    if info.layout == "diffusers":
+    if info.layout == "diffusers" and (folder / "model_index.json").is_file():
         return folder / DIFFUSERS_FOLDERS[expert or EXPERTS[0]]
     return folder / ORIGINAL_FOLDERS[expert] if expert else folder
 

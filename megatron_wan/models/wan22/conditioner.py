@@ -1,76 +1,65 @@
-"""The frozen encoders of a Wan 2.2 folder (diffusers layout), as diffusers' Wan pipelines use them.
+"""The frozen encoders of a Wan 2.2 folder (diffusers layout), as diffusers' Wan 2.2 pipelines use them.
 
-umT5 and the video latent are Wan 2.1's (`WanEncoders`), the latent geometry read from the folder's VAE: Wan 2.1's
-VAE for A14B (16 channels, 8x / 4x), Wan 2.2's for TI2V-5B (48 channels, residual, patch 2: 16x / 4x, its own
-latents_mean / latents_std). Image conditioning has no CLIP encoder in Wan 2.2:
-- I2V-A14B: the channel condition of Wan 2.1 I2V, first-frame mask + latent of [image, zeros...] (20 channels).
-- TI2V-5B (`expand_timesteps`): the normalized latent of the image alone [48, 1, H', W'], which replaces the first
-  latent frame, whose tokens get timestep 0 (WanImageToVideoPipeline.prepare_latents with expand_timesteps).
+umT5 and the VAE as for Wan 2.1 (A14B keeps Wan 2.1's VAE; TI2V-5B has the Wan 2.2 VAE, z_dim 48, whose latents the
+same normalization applies to). Image-to-video has no CLIP image encoder in Wan 2.2:
+- I2V-A14B: the 20-channel condition latent (4-channel first-frame mask + VAE latent of [image, zeros...])
+  concatenated to the noisy latents, as for Wan 2.1;
+- TI2V-5B: the VAE latent of the image alone [48, 1, H', W'], which replaces the first latent frame (timestep 0).
 """
 
+import json
 from pathlib import Path
 
 import torch
 
-from megatron_wan.models.wan21.conditioner import DTYPES, TEXT_LEN, WanEncoders, pad_text
+from megatron_wan.models.wan21.conditioner import WanEncoders
 from megatron_wan.models.wan22.adapter import folder_info
 
-COMPONENTS = ("tokenizer", "text_encoder", "vae")  # both tasks: Wan 2.2 has no image encoder
-
-__all__ = ["COMPONENTS", "DTYPES", "TEXT_LEN", "Wan22Encoders", "folder_task", "is_wan22_folder", "pad_text"]
+COMPONENTS = ("tokenizer", "text_encoder", "vae")  # both tasks: no image encoder in Wan 2.2
 
 
 def is_wan22_folder(model_dir) -> bool:
     """Whether `model_dir` is a Wan 2.2 diffusers folder: two experts with a boundary, or per-token timesteps."""
-    index = Path(model_dir) / "model_index.json"
-    if not index.is_file():
+    if not (Path(model_dir) / "model_index.json").is_file():
         return False
     info = folder_info(model_dir)
     return bool(info.experts) or info.expand_timesteps
 
 
 def folder_task(model_dir) -> str:
-    """'i2v' for an I2V-A14B folder (WanImageToVideoPipeline), else 't2v' (TI2V-5B does both: pass the task)."""
-    from megatron_wan.models.wan22.adapter import _index
-
-    return "i2v" if _index(Path(model_dir)).get("_class_name") == "WanImageToVideoPipeline" else "t2v"
+    """'i2v' for an I2V-A14B folder (WanImageToVideoPipeline with a pair of experts), else 't2v' (TI2V-5B's
+    folder does both; its default is text-to-video)."""
+    index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    return "i2v" if index.get("_class_name") == "WanImageToVideoPipeline" and not index.get("expand_timesteps") \
+        else "t2v"
 
 
 class Wan22Encoders(WanEncoders):
-    """umT5 and the VAE of the Wan 2.2 folder `model_dir`; `task` 'i2v' adds the image conditioning (see the
-    module); the rest as WanEncoders."""
+    """umT5 and the VAE of a Wan 2.2 folder; `task='i2v'` on a TI2V-5B folder conditions on the first frame."""
 
     def __init__(self, model_dir, task: str | None = None, device="cpu", dtype=torch.float32, offload: bool = False,
                  components: tuple | None = None):
-        self.expand_timesteps = folder_info(model_dir).expand_timesteps
         super().__init__(model_dir, task or folder_task(model_dir), device, dtype, offload,
                          COMPONENTS if components is None else components)
+        index = json.loads((self.model_dir / "model_index.json").read_text())
+        self.expand_timesteps = bool(index.get("expand_timesteps"))
 
     def identity(self) -> dict:
+        """WanEncoders' identity, over the components a Wan 2.2 folder has (no image encoder)."""
         identity = super().identity()
         identity["configs"] = {c: v for c, v in identity["configs"].items() if c in COMPONENTS}
         return identity
 
     @torch.no_grad()
     def first_frame_latent(self, image) -> torch.Tensor:
-        """TI2V's condition: the normalized VAE latent [z_dim, 1, H', W'] of a PIL image at its size."""
-        width, height = image.size
-        pixels = self.video_processor.preprocess(image, height=height, width=width).unsqueeze(2)
-        return self._encode(pixels, False, None)[0].to(self.dtype)
+        """TI2V: the normalized VAE latent [z_dim, 1, H', W'] of a PIL image alone (WanImageToVideoPipeline with
+        expand_timesteps)."""
+        return self._encode(self.image_pixels(image), False, None)[0].to(self.dtype)
 
     @torch.no_grad()
     def image_conditioning(self, image, frames: int) -> tuple[None, torch.Tensor]:
-        """(None: no CLIP tokens, the condition latent) of a PIL image for a `frames`-frame video at its size:
-        TI2V's first-frame latent, or I2V-A14B's mask and latent."""
+        """(None: no CLIP tokens, the image condition): TI2V's first-frame latent, or I2V-A14B's 20-channel
+        condition latent for a `frames`-frame video at the image's size."""
         if self.expand_timesteps:
             return None, self.first_frame_latent(image)
-        return None, self.mask_and_latent(image, frames)
-
-
-def first_frame_timesteps(t: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-    """TI2V image-to-video per-token timesteps [B, f*h*w] of per-sample `t` [B] on a token grid (f, h, w): 0 on the
-    first latent frame's tokens, t elsewhere (WanImageToVideoPipeline with expand_timesteps)."""
-    f, h, w = grid
-    mask = torch.ones(f, h * w, dtype=t.dtype, device=t.device)
-    mask[0] = 0
-    return t[:, None] * mask.flatten()[None]
+        return None, self.cond_latent(image, frames)
