@@ -112,6 +112,7 @@ def test_experts_route_each_sample_by_its_timestep(wan22_models):
     (["model.expert=middle"], "model.expert: expected one of"),
     (["model.expert=both", "model.boundary_ratio=1.5"], r"model.boundary_ratio: expected a number in \(0, 1\)"),
     (["model.expert=both", "objective.reference=copy_offload"], "objective.reference: copy_offload streams one"),
+    (["model.expert=high_noise", "run.sample_every=5"], "run.sample_every: samples during training are not"),
 ])
 def test_expert_config_errors_name_the_key(overrides, message, wan22_models):
     with pytest.raises(ConfigError, match=message):

@@ -178,6 +178,9 @@ def expert_problem(cfg) -> str | None:
         where = m.weights or f"preset {m.preset}"
         return (f"model.expert: {m.expert} needs two experts and their boundary; {where} has none (a Wan 2.2 "
                 f"A14B folder or preset has)")
+    if cfg.run.sample_every:
+        return ("run.sample_every: samples during training are not wired to A14B's experts yet (model.expert); use "
+                "run.validate_every, and sample the exported experts with eval sample")
     if m.expert == "both" and cfg.objective.reference == "copy_offload" and cfg.objective.mode != "sft":
         return "objective.reference: copy_offload streams one model; with model.expert=both use adapter or copy"
     return None
