@@ -1,6 +1,7 @@
 """encode: GT-Pairs -> pre-encoded shards (Appendix A.2 item 4, extended to latents and I2V conditioning).
 
-`--in` is the pair stage's output (or a pairs JSONL), `--model` a Wan 2.1 folder in diffusers layout. Every
+`--in` is the pair stage's output (or a pairs JSONL), `--model` a Wan 2.1 or 2.2 folder in diffusers layout (Wan 2.2:
+its VAE, no CLIP; TI2V-5B's cond_latent is the image's latent [48, 1, H', W']). Every
 distinct video of the pairs is encoded once, into a sample keyed by its id:
   latent       VAE latent [16, F', H', W'], (z - latents_mean) / latents_std (posterior mean; --sample-posterior)
   text_emb     umT5 states of the pair's prompt, trimmed to its real length [L, 4096]
@@ -116,7 +117,7 @@ class Encoder:
                 with Image.open(video["image"]) as im:
                     return enc.image_fields(im.convert("RGB"), len(frames))
             fields.update(self.images.get_or((video["image"], len(frames)), conditioning))
-            if fields["cond_latent"].shape[1:] != fields["latent"].shape[1:]:
+            if fields["cond_latent"].shape[2:] != fields["latent"].shape[2:]:  # the sides (TI2V's is one frame)
                 raise Reject(f"reference image {video['image']} is {Image.open(video['image']).size}, the video "
                              f"{frames.shape[2]}x{frames.shape[1]}: they must match")
         meta = {"fps": enc.geometry.fps, "frames": len(frames), "width": frames.shape[2], "height": frames.shape[1],
@@ -219,7 +220,7 @@ def assemble(out: Path, pairs: list[dict], encoding: dict) -> dict:
 
 def add_arguments(parser) -> None:
     parser.description = __doc__
-    parser.add_argument("--model", required=True, help="Wan 2.1 folder in diffusers layout")
+    parser.add_argument("--model", required=True, help="Wan 2.1 or 2.2 folder in diffusers layout")
     parser.add_argument("--task", choices=task_names(), help="default: i2v when the folder has an image_encoder")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="encoders' and stored dtype")
     add_device_arguments(parser)

@@ -1,6 +1,7 @@
 """normalize: GT videos to the model's format (Appendix A.1): 16 fps resampled by timestamps, the first
 81 frames (shorter videos are rejected), cover-scaled so the short side is `--min-side` (720) and
-center-cropped to the nearest aspect bucket (sides multiples of 16), H.264 via PyAV; the first frame
+center-cropped to the nearest aspect bucket (sides multiples of 16), H.264 via PyAV (`--format wan2.2-ti2v`:
+TI2V-5B's 24 fps, 121 frames, 1280x704 or 704x1280); the first frame
 as the reference image (PNG) and the prompt, from `--captions` (CSV or JSONL; OpenVid-1M's CSV as is)
 or an external `--captioner CMD` (run as `CMD VIDEO`, the caption read from its standard output). A video finds
 its caption row by its most specific name (id, relative path, file name, stem: see data_tools.stage.VideoTable).
@@ -46,6 +47,20 @@ class Spec:
     aspects: tuple = ("9:16", "3:4", "1:1", "16:9")
     crf: int = 17
     preset: str = "faster"
+    sizes: tuple = ()  # (aspect, width, height) of buckets whose size is fixed (a --format's), else bucket_size
+
+    def size(self, aspect: str) -> tuple[int, int]:
+        """(width, height) of the aspect bucket `aspect`."""
+        fixed = {a: (w, h) for a, w, h in self.sizes}
+        return fixed.get(aspect) or bucket_size(aspect, self.min_side)
+
+
+# --format: a model's native training format; --fps, --frames, --min-side and --aspects override its values
+FORMATS = {
+    "wan2.1": dict(fps=16, frames=81, min_side=720, aspects=("9:16", "3:4", "1:1", "16:9")),
+    "wan2.2-ti2v": dict(fps=24, frames=121, min_side=704, aspects=("9:16", "16:9"),  # TI2V-5B: sides / 32
+                        sizes=(("16:9", 1280, 704), ("9:16", 704, 1280))),
+}
 
 
 def normalize_video(src, video_out: Path, image_out: Path, geometry: Geometry, spec: Spec,
@@ -127,7 +142,7 @@ def normalize(record: dict, spec: Spec, out_dir: str, captions: str | None, capt
                      + " (give --captions or --captioner)")
     meta = video_metadata(record["path"]) if "width" not in record else record
     aspect, _ = nearest_aspect(meta["width"], meta["height"], spec.aspects)
-    width, height = bucket_size(aspect, spec.min_side)
+    width, height = spec.size(aspect)
     out = Path(out_dir)
     video, image = out / "videos" / f"{record['id']}.mp4", out / "images" / f"{record['id']}.png"
     new = normalize_video(record["path"], video, image, cover_geometry(meta["width"], meta["height"], width, height),
@@ -145,18 +160,31 @@ def add_spec_arguments(parser) -> None:
 
 def add_arguments(parser) -> None:
     parser.description = __doc__
-    d = Spec()
-    parser.add_argument("--fps", type=int, default=d.fps)
-    parser.add_argument("--frames", type=int, default=d.frames)
-    parser.add_argument("--min-side", type=int, default=d.min_side)
-    parser.add_argument("--aspects", type=parse_aspects, default=list(d.aspects))
+    parser.add_argument("--format", choices=sorted(FORMATS), default="wan2.1",
+                        help="the model's native format: wan2.1 (16 fps, 81 frames, short side 720), wan2.2-ti2v "
+                             "(24 fps, 121 frames, 1280x704 / 704x1280)")
+    parser.add_argument("--fps", type=int, help="default: the format's")
+    parser.add_argument("--frames", type=int, help="default: the format's")
+    parser.add_argument("--min-side", type=int, help="default: the format's (given: bucket sizes from it)")
+    parser.add_argument("--aspects", type=parse_aspects, help="default: the format's")
     add_spec_arguments(parser)
     parser.add_argument("--captions", help="CSV or JSONL with a video/id column and a caption/prompt column")
     parser.add_argument("--captioner", help="command run as `CMD VIDEO` that prints the caption")
 
 
+def format_spec(name: str, fps=None, frames=None, min_side=None, aspects=None, crf=17, preset="faster") -> Spec:
+    """The Spec of format `name` (FORMATS), each given value replacing the format's; a given min_side drops the
+    format's fixed sizes."""
+    values = dict(FORMATS[name])
+    given = dict(fps=fps, frames=frames, min_side=min_side, aspects=tuple(aspects) if aspects else None)
+    values.update({k: v for k, v in given.items() if v is not None})
+    if min_side is not None:
+        values.pop("sizes", None)
+    return Spec(**values, crf=crf, preset=preset)
+
+
 def make(args):
-    spec = Spec(args.fps, args.frames, args.min_side, tuple(args.aspects), args.crf, args.preset)
+    spec = format_spec(args.format, args.fps, args.frames, args.min_side, args.aspects, args.crf, args.preset)
     captions = str(Path(args.captions).resolve()) if args.captions else None
     if captions:
         load_captions(captions)  # a missing or malformed captions file fails here, before any video

@@ -21,6 +21,7 @@ from megatron_wan.dtypes import DTYPES, TRAINING
 from megatron_wan.models import all_specs, spec_for_preset, task_names
 from megatron_wan.models.wan21.config import WanConfig
 from megatron_wan.models.wan21.lora import DEFAULT_TARGETS
+from megatron_wan.objectives.experts import expert_problem
 from megatron_wan.objectives.pair_step import PAIR_MODES
 from megatron_wan.objectives.preference import BETA, MODES, sft_weight_fn
 from megatron_wan.objectives.reference import KINDS
@@ -43,6 +44,9 @@ class ModelConfig:
     compile: bool = False  # regional torch.compile: each block's forward compiled on its own (megatron_wan.compile)
     compile_mode: str = "default"  # torch.compile mode: "default" or "max-autotune-no-cudagraphs"
     init_seed: int = 0
+    expert: str | None = None  # Wan 2.2 A14B: "high_noise", "low_noise" or "both" (megatron_wan.objectives.experts)
+    boundary_ratio: float | None = None  # the experts' switch (t >= ratio x 1000: high noise); default: the folder's
+    # model_index.json or the preset's (0.875 T2V-A14B, 0.9 I2V-A14B)
 
 
 @dataclass
@@ -344,6 +348,9 @@ def validate(cfg: Config, world_size: int | None = None, latent_shapes=None) -> 
         raise ConfigError(f"run.global_batch_size: expected >= 1, found {run.global_batch_size}")
     if obj.pair_mode == "ranks" and run.context_parallel != 1:
         raise ConfigError("objective.pair_mode: 'ranks' pairs data-parallel ranks; it needs run.context_parallel=1")
+    problem = expert_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
     check_cp_comm(cfg, latent_shapes)
     if world_size is not None:
         mp = run.tensor_parallel * run.context_parallel

@@ -41,6 +41,7 @@ from megatron_wan.data.shards import CorruptSample
 from megatron_wan.engines import build_engine
 from megatron_wan.models import spec_for_preset
 from megatron_wan.models.wan21.lora import apply_lora
+from megatron_wan.objectives.experts import build_expert_model, flow_for
 from megatron_wan.objectives.flow_matching import FlowMatching
 from megatron_wan.objectives.pair_step import PairBatch, PairObjective
 from megatron_wan.objectives.reference import make_reference
@@ -106,7 +107,7 @@ class Trainer:
         if resume_from:
             self._check_resume(resume_from)
 
-        model = build_model(cfg).to(self.device)
+        model = (build_expert_model(cfg) if cfg.model.expert else build_model(cfg)).to(self.device)
         if run.finetune == "lora":
             torch.manual_seed(run.seed)  # the same adapters on every rank and in every parallel layout
             apply_lora(model, cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
@@ -136,8 +137,8 @@ class Trainer:
                                           dp_rank=self.dp_rank // self.pair_split,
                                           dp_size=self.dp_size // self.pair_split, seed=run.seed)
         o = cfg.objective
-        self.objective = PairObjective(FlowMatching(o.shift, o.timestep_sampling, seed=run.seed), o.mode, o.beta,
-                                       o.sft_weight, o.pair_mode)
+        self.objective = PairObjective(flow_for(cfg, FlowMatching(o.shift, o.timestep_sampling, seed=run.seed)),
+                                       o.mode, o.beta, o.sft_weight, o.pair_mode)
         self.loader = PairLoader(self.dataset, self.sampler, num_workers=cfg.data.num_workers,
                                  prefetch=cfg.data.prefetch, pin_memory=self.device.type == "cuda")
         self.step, self.skipped, self.bad_in_row = 0, 0, 0
@@ -207,10 +208,17 @@ class Trainer:
                 for micro in micro_batches(batch, self.cfg.run.batch_size)]
 
     def _mean_over_dp(self, metrics: dict) -> dict:
-        names = sorted(metrics)
-        values = torch.tensor([metrics[n] for n in names], dtype=torch.float64, device=self.device)
-        dist.all_reduce(values, group=ps.get_data_parallel_group())
-        return {n: v / self.dp_size for n, v in zip(names, values.tolist())}
+        """Means over the data-parallel ranks; `*_min` / `*_max` metrics: their minimum / maximum."""
+        out = {}
+        for op, names in ((dist.ReduceOp.SUM, [n for n in sorted(metrics) if not n.endswith(("_min", "_max"))]),
+                          (dist.ReduceOp.MIN, [n for n in sorted(metrics) if n.endswith("_min")]),
+                          (dist.ReduceOp.MAX, [n for n in sorted(metrics) if n.endswith("_max")])):
+            values = torch.tensor([metrics[n] for n in names], dtype=torch.float64, device=self.device)
+            if names:
+                dist.all_reduce(values, op=op, group=ps.get_data_parallel_group())
+            scale = self.dp_size if op == dist.ReduceOp.SUM else 1
+            out.update({n: v / scale for n, v in zip(names, values.tolist())})
+        return out
 
     def _flops(self, grid, pairs: int) -> dict:
         """FLOPs of one step of this data-parallel rank (`pairs` pairs of latent `grid`), by part."""
@@ -234,7 +242,8 @@ class Trainer:
                                                 backward=self._backward).metrics)
         lr = learning_rate(self.step, self.cfg)
         grad_norm, stepped = self.engine.step(lr)
-        local = {k: sum(m[k] for m in outs) / len(outs) for k in outs[0]}
+        local = {k: min(m[k] for m in outs) if k.endswith("_min") else max(m[k] for m in outs) if k.endswith("_max")
+                 else sum(m[k] for m in outs) / len(outs) for k in outs[0]}
         stepped = stepped and math.isfinite(local["loss"])
         if self.device.type == "cuda":
             torch.cuda.synchronize()

@@ -150,6 +150,7 @@ class Setup:
     recompute: bool = True
     pair_mode: str = "sequential"
     pairs: int = 1  # pairs per data-parallel rank per step (run.batch_size)
+    expert: str | None = None  # Wan 2.2 A14B: model.expert; `both` holds both experts' weights and state
     text_len: int = 512
     encoders: str = "pre"  # "pre": pre-encoded shards; "gpu": umT5, CLIP and VAE resident
     gpu: str = "h100"
@@ -186,7 +187,7 @@ class Setup:
             run=RunConfig(task=self.config().model_type, finetune=self.finetune, tensor_parallel=self.tp,
                           context_parallel=self.cp, batch_size=self.pairs, engine=self.engine,
                           dp_shard=self.dp_shard),
-            model=ModelConfig(preset=self.preset, recompute=self.recompute),
+            model=ModelConfig(preset=self.preset, recompute=self.recompute, expert=self.expert),
             objective=ObjectiveConfig(pair_mode=self.pair_mode, reference=self.reference),
             lora=LoraConfig(rank=self.lora_rank) if self.finetune == "lora" else None,
         )
@@ -241,6 +242,10 @@ def memory(setup: Setup) -> dict:
         weights, grads, optimizer = gathered, min(trained, DEEPSPEED_REDUCE_BUCKET) * BF16, 0
         reference_copy = local * base_bytes + lora * FP32
     reference = {"adapter": 0, "copy": reference_copy, "copy_offload": block * base_bytes}[setup.reference]
+    if setup.expert == "both":  # A14B: the other expert's weights, optimizer state and copy stay resident; one
+        # expert computes per step, so gathered blocks, gradients and activations are one expert's
+        weights += state["weights"] + count["other"] * BF16 if setup.engine == "megatron" else 0
+        optimizer, reference = 2 * optimizer, 2 * reference
     act_bytes = BF16  # FSDP2 computes with bf16 copies of every parameter (biases too), ZeRO-3 in bf16
     acts = activation_bytes(cfg, setup.local_grid(), setup.text_len, setup.samples_per_gpu(), tp, setup.cp,
                             act_bytes, setup.recompute, 0 if full else setup.lora_rank)
@@ -341,7 +346,7 @@ def main(argv=None):
         if field.type is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
         else:
-            ap.add_argument(flag, type=type(field.default), default=field.default)
+            ap.add_argument(flag, type=str if field.default is None else type(field.default), default=field.default)
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     args = vars(ap.parse_args(argv))
     as_json = args.pop("json")

@@ -81,10 +81,16 @@ class PairObjective:
         return preference_loss(err_w, err_l, ref_w, ref_l, beta=self.beta, sft_weight=sft_weight)
 
     def step(self, model, reference, batch: PairBatch, step: int, backward=torch.Tensor.backward) -> PreferenceLoss:
-        """Forward and backward of one step (gradients accumulate into `model`); returns the loss and metrics.
+        """Forward and backward of one step (gradients accumulate into `model`); returns the loss and metrics,
+        with the smallest and largest model timestep drawn (`timestep_min`, `timestep_max`).
         `backward(loss)` back-propagates (an engine's, which may scale the loss or hook its optimizer)."""
         sigma, eps = self.flow.draw(step, batch.sample_ids, batch.win.shape[1:])
-        sigma, eps = sigma.to(batch.win.device), eps.to(batch.win.device)
+        timesteps = self.flow.model_timestep(sigma)
+        out = self._step(model, reference, batch, sigma.to(batch.win.device), eps.to(batch.win.device), backward)
+        out.metrics.update(timestep_min=timesteps.min().item(), timestep_max=timesteps.max().item())
+        return out
+
+    def _step(self, model, reference, batch: PairBatch, sigma, eps, backward) -> PreferenceLoss:
         c = batch.conditions
         if self.mode == "sft":
             out = sft_loss(self._errors(model, batch.win, c, sigma, eps))

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from megatron_wan.models.wan21.lora import LoRAParallelLinear, disable_adapter, lora_layers
+from megatron_wan.objectives.experts import Experts
 
 KINDS = ("adapter", "copy", "copy_offload")
 
@@ -28,7 +29,10 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, parameter: bo
 def _frozen_copy(model: nn.Module, device=None) -> nn.Module:
     """A second WanModel of `model`'s config (and LoRA layout) holding copies of its tensors, on `device` (default:
     where each tensor is). Built on the meta device and filled, not deep-copied: process groups and Transformer
-    Engine's CUDA streams are created anew, never copied, and no throwaway weights are allocated."""
+    Engine's CUDA streams are created anew, never copied, and no throwaway weights are allocated. Wan 2.2's
+    `Experts`: a copy of each expert."""
+    if isinstance(model, Experts):
+        return Experts(*(_frozen_copy(m, device) for m in model.experts), model.boundary_ratio).eval()
     with torch.device("meta"):
         ref = type(model)(model.wan.replace(perform_initialization=False))
         for name, layer in model.named_modules():

@@ -248,7 +248,8 @@ class WanEncoders:
         takes none (then `image` is ignored)."""
         if not self.needs_image:
             return {}
-        return dict(zip(IMAGE_FIELDS, self.image_conditioning(image, frames)))
+        fields = zip(IMAGE_FIELDS, self.image_conditioning(image, frames))
+        return {k: v for k, v in fields if v is not None}  # Wan 2.2: no CLIP tokens
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

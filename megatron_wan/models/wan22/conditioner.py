@@ -54,6 +54,12 @@ class Wan22Encoders(WanEncoders):
             fps = FPS_TI2V if self.expand_timesteps else self.geometry.fps
             self.geometry = dataclasses.replace(self.geometry, fps=fps, family="Wan 2.2")
 
+    def identity(self) -> dict:
+        """WanEncoders' identity, over the components a Wan 2.2 folder has (no image encoder)."""
+        identity = super().identity()
+        identity["configs"] = {c: v for c, v in identity["configs"].items() if c in COMPONENTS}
+        return identity
+
     @torch.no_grad()
     def first_frame_latent(self, image) -> torch.Tensor:
         """TI2V: the normalized VAE latent [z_dim, 1, H', W'] of a PIL image alone (WanImageToVideoPipeline with
