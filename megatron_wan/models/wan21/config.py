@@ -63,6 +63,13 @@ class WanConfig:
             raise ValueError(f"WanConfig.model_type: expected 't2v' or 'i2v', found {self.model_type!r}")
         if self.dim % self.num_heads:
             raise ValueError(f"WanConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.image_dim is not None and self.model_type != "i2v":
+            raise ValueError(f"WanConfig.image_dim: CLIP image tokens are an i2v input; found model_type="
+                             f"{self.model_type!r}, image_dim={self.image_dim!r}")
+        if self.model_type == "i2v" and self.in_dim <= self.out_dim:
+            raise ValueError(f"WanConfig.in_dim: i2v takes the condition latent (mask + first frame) on the channels, "
+                             f"in_dim = out_dim + 20 (36), and Wan 2.1 I2V also the CLIP width image_dim (1280); found "
+                             f"in_dim={self.in_dim}, out_dim={self.out_dim}, image_dim={self.image_dim!r}")
         if self.model_type == "t2v" and self.image_dim is not None:  # i2v: CLIP (Wan 2.1) or channels only (2.2)
             raise ValueError(f"WanConfig.image_dim: a t2v model takes no CLIP image tokens; found {self.image_dim}")
         if self.attention_backend not in ATTENTION_BACKENDS:
