@@ -13,6 +13,12 @@ formats other tools load. CHECKPOINT is a step folder, a run's checkpoints/ fold
                `diffusion_model.blocks.0.self_attn.q.lora_down.weight`, `.lora_up.weight` and `.alpha`: what ComfyUI's
                LoRA loader reads, and diffusers' Wan loader too.
 
+A run of Wan 2.2 A14B's experts (model.expert) is written per expert, each against its own transformer of the base
+folder: the merged transformers as DIR/transformer/ (high noise) and DIR/transformer_2/ (low noise), which
+`WanPipeline.from_pretrained(BASE, transformer=..., transformer_2=...)` takes, and the adapters as a pair
+DIR/FORMAT/high_noise/ and DIR/FORMAT/low_noise/ (`pipe.load_lora_weights(DIR/diffusers/low_noise,
+load_into_transformer_2=True)`); a run of one expert writes only that expert's.
+
 Default: the three adapter formats for a LoRA run, the transformer for a full fine-tune. Each is written under a
 temporary name and renamed when complete. DeepSpeed checkpoints are consolidated with DeepSpeed's own
 zero_to_fp32 (which unpickles its files); Megatron ones (torch.distributed.checkpoint, sharded over any number of
@@ -70,9 +76,9 @@ def find_checkpoint(path) -> Path:
                             f"folder or a run's output dir)")
 
 
-def _base(model: dict, base) -> tuple[object, WanConfig]:
-    """(weights source or None, WanConfig) of the run's model: `base`, else model.weights, else model.preset (whose
-    family reads the folder)."""
+def _base(model: dict, base, expert: str | None = None) -> tuple[object, WanConfig]:
+    """(weights source or None, WanConfig) of the run's model (of its Wan 2.2 `expert`): `base`, else model.weights,
+    else model.preset (whose family reads the folder)."""
     spec = spec_for_preset(model["preset"])
     folder = base or model["weights"]
     if folder is None:
@@ -80,7 +86,7 @@ def _base(model: dict, base) -> tuple[object, WanConfig]:
     if not Path(folder).exists():
         raise FileNotFoundError(f"{folder}: the run's base model folder (model.weights) does not exist; pass the "
                                 f"base folder (--base)")
-    return spec.adapter.open_source(folder, model["layout"], {})
+    return spec.adapter.open_source(folder, model["layout"], {} if expert is None else {"expert": expert})
 
 
 def _rank_weights(path: Path, run: dict) -> list[dict]:
@@ -141,22 +147,68 @@ def merge_adapters(shards: list[dict], cfg: WanConfig, where: str) -> dict:
     return out
 
 
-def read_checkpoint(path, base=None) -> Trained:
-    """A checkpoint's weights merged over TP; `base` replaces the run's model.weights folder (moved or relative)."""
+def run_experts(config: dict) -> tuple[str, ...]:
+    """The Wan 2.2 experts a run's config trains (model.expert: one of them, or both), () for one model."""
+    from megatron_wan.models.wan22 import EXPERTS
+
+    expert = config["model"].get("expert")
+    return () if expert is None else EXPERTS if expert == "both" else (expert,)
+
+
+def _trainer_state(path) -> tuple[Path, dict]:
     path = find_checkpoint(path)
-    state = json.loads((path / "trainer.json").read_text())
+    return path, json.loads((path / "trainer.json").read_text())
+
+
+def _trained(path: Path, state: dict, base, shards: list[dict], expert: str | None = None) -> Trained:
+    """The `Trained` of one model (of one expert) from its weights of each TP rank."""
     config = state["config"]
-    source, cfg = _base(config["model"], base)
-    shards = _rank_weights(path, config["run"])
+    source, cfg = _base(config["model"], base, expert)
+    where = str(path) if expert is None else f"{path} ({expert} expert)"
     if config["run"]["finetune"] == "lora":
-        weights = merge_adapters(shards, cfg, str(path))
+        weights = merge_adapters(shards, cfg, where)
     else:
         missing = [p.name for p in adapter.param_table(cfg) if p.name not in shards[0]]
         if missing:
-            raise KeyError(f"{path}: {len(missing)} parameter(s) of the model missing from the engine weights: "
+            raise KeyError(f"{where}: {len(missing)} parameter(s) of the model missing from the engine weights: "
                            f"{missing}")
         weights = adapter.merge_tp(shards, cfg)
     return Trained(path, state["step"], config, cfg, source, weights)
+
+
+def read_checkpoint(path, base=None) -> Trained:
+    """A checkpoint's weights merged over TP; `base` replaces the run's model.weights folder (moved or relative)."""
+    path, state = _trainer_state(path)
+    experts = run_experts(state["config"])
+    if experts:
+        raise ValueError(f"{path}: a run of the Wan 2.2 experts {list(experts)} (model.expert); read it with "
+                         f"read_experts")
+    return _trained(path, state, base, _rank_weights(path, state["config"]["run"]))
+
+
+def split_experts(shards: list[dict], experts: tuple[str, ...], where: str) -> dict[str, list[dict]]:
+    """The engine weights of each TP rank, per expert: a run of one expert holds its weights under their own names,
+    one of both (objectives.experts.Experts) under `high_noise.` and `low_noise.`."""
+    if len(experts) == 1:
+        return {experts[0]: shards}
+    out = {e: [{k[len(e) + 1:]: v for k, v in s.items() if k.startswith(f"{e}.")} for s in shards] for e in experts}
+    stray = sorted(k for k in shards[0] if k.split(".", 1)[0] not in experts)
+    empty = [e for e in experts if not out[e][0]]
+    if stray or empty:
+        raise KeyError(f"{where}: model.expert=both, expected weights under {[f'{e}.' for e in experts]}; "
+                       + (f"found {stray[:3]} outside them" if stray else f"none under {empty}"))
+    return out
+
+
+def read_experts(path, base=None) -> dict[str, Trained]:
+    """{expert: Trained} of a Wan 2.2 expert run's checkpoint (model.expert: the one expert, or both), each merged
+    over TP against its own transformer of the base folder; `base` as in read_checkpoint."""
+    path, state = _trainer_state(path)
+    experts = run_experts(state["config"])
+    if not experts:
+        raise ValueError(f"{path}: not a run of Wan 2.2 experts (model.expert is null); read it with read_checkpoint")
+    shards = split_experts(_rank_weights(path, state["config"]["run"]), experts, str(path))
+    return {e: _trained(path, state, base, shards[e], e) for e in experts}
 
 
 # -- formats ---------------------------------------------------------------------------------------
@@ -282,32 +334,40 @@ def export_experts(trained: dict, out, formats, dtype: str | None = None, max_sh
 
 
 def export(checkpoint, out, formats=None, base=None, dtype: str | None = None, max_shard_size="5GB",
-           overwrite: bool = False) -> dict[str, Path]:
+           overwrite: bool = False) -> dict:
     """Write `checkpoint` to `out`/FORMAT for each of `formats` (default: the adapter formats of a LoRA run, the
     transformer of a full fine-tune); `dtype` ('fp32', 'bf16', 'fp16') casts the written weights (default: as
-    trained, the merged transformer as its base). Returns {format: path}."""
-    trained = read_checkpoint(checkpoint, base)
-    formats = tuple(formats or (ADAPTER_FORMATS if trained.lora else ("transformer",)))
+    trained, the merged transformer as its base). Returns {format: path}. A run of Wan 2.2 experts (model.expert) is
+    written per expert by export_experts (`transformer/`, `transformer_2/`, FORMAT/high_noise/, FORMAT/low_noise/;
+    a one-expert run only its own) and returns {expert: {format: path}}."""
+    path, state = _trainer_state(checkpoint)
+    experts = run_experts(state["config"])
+    trained = read_experts(path, base) if experts else {None: read_checkpoint(path, base)}
+    first = next(iter(trained.values()))
+    formats = tuple(formats or (ADAPTER_FORMATS if first.lora else ("transformer",)))
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"formats: {unknown} unknown; expected some of {list(FORMATS)}")
-    if not trained.lora and set(formats) & set(ADAPTER_FORMATS):
+    if not first.lora and set(formats) & set(ADAPTER_FORMATS):
         raise ValueError(f"formats: {sorted(set(formats) & set(ADAPTER_FORMATS))} need LoRA adapters; "
-                         f"{trained.path} is a full fine-tune (run.finetune=full): export 'transformer'")
+                         f"{first.path} is a full fine-tune (run.finetune=full): export 'transformer'")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {list(DTYPES)}, found {dtype!r}")
-    torch_dtype = DTYPES.get(dtype)
     out = Path(out)
-    targets = {f: out / f for f in formats}
-    existing = [str(p) for p in targets.values() if p.exists()]
+    targets = expert_targets(out, formats, trained) if experts else {None: {f: out / f for f in formats}}
+    existing = [str(p) for t in targets.values() for p in t.values() if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing} exist; remove them or pass overwrite=True (--overwrite)")
-    write_formats(trained, targets, torch_dtype, max_shard_size)
-    run = trained.config["run"]
-    kind = f"LoRA rank {trained.lora['rank']} alpha {trained.lora['alpha']}" if trained.lora else "full fine-tune"
-    print(f"export: step {trained.step} of {trained.path} ({kind}, {run['engine']} engine, TP={run['tensor_parallel']})"
-          f" -> " + ", ".join(f"{fmt} {path}" for fmt, path in targets.items()))
-    return targets
+    if experts:
+        export_experts(trained, out, formats, dtype, max_shard_size)
+    else:
+        write_formats(first, targets[None], DTYPES.get(dtype), max_shard_size)
+    run = first.config["run"]
+    kind = f"LoRA rank {first.lora['rank']} alpha {first.lora['alpha']}" if first.lora else "full fine-tune"
+    written = ", ".join(f"{fmt} {p}" for t in targets.values() for fmt, p in t.items())
+    print(f"export: step {first.step} of {first.path} ({kind}, {run['engine']} engine, TP={run['tensor_parallel']}"
+          + (f", experts {'+'.join(experts)}" if experts else "") + f") -> {written}")
+    return targets if experts else targets[None]
 
 
 def parse_args(argv=None):
@@ -323,7 +383,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict[str, Path]:
+def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
         written = export(args.checkpoint, args.out, args.formats.split(",") if args.formats else None, args.base,

@@ -48,3 +48,13 @@ def wan22_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("wan22")
     return {task: write_tiny(root / task, task) for task in TINY_PRESETS}
+
+
+@pytest.fixture(scope="session")
+def wan22_encoded(wan22_models, pairs, tmp_path_factory):
+    """The GT-Pairs encoded with the tiny T2V-A14B folder's encoders (the Wan 2.2 training runs' data)."""
+    from gtpair_data import run
+
+    out = tmp_path_factory.mktemp("wan22-encoded") / "t2v-a14b"
+    run("encode", "--in", pairs / "pairs", "--out", out, "--model", wan22_models["t2v-a14b"])
+    return out

@@ -23,13 +23,9 @@ LOSSES = ("loss", "model_err_w", "model_err_l", "ref_err_w", "ref_err_l", "grad_
 
 
 @pytest.fixture(scope="module")
-def a14b(wan22_models, pairs, tmp_path_factory):
+def a14b(wan22_models, wan22_encoded):
     """(the tiny T2V-A14B folder, its encoded GT-Pairs)."""
-    from gtpair_data import run
-
-    out = tmp_path_factory.mktemp("a14b") / "encoded"
-    run("encode", "--in", pairs / "pairs", "--out", out, "--model", wan22_models["t2v-a14b"])
-    return wan22_models["t2v-a14b"], out
+    return wan22_models["t2v-a14b"], wan22_encoded
 
 
 def _train(args):

@@ -23,20 +23,20 @@ from megatron_wan.models.wan21.adapter import (
     from_ours,
     load_from,
     merge_tp,
-    open_source,
     param_table,
     rename,
     split_tp,
     to_ours,
 )
 from megatron_wan.models.wan21.adapter import config_to_original as wan21_config_to_original
+from megatron_wan.models.wan21.adapter import open_source as wan21_open_source
 from megatron_wan.models.wan21.config import WanConfig
 from megatron_wan.models.wan22.config import BOUNDARY_RATIOS, DIFFUSERS_FOLDERS, EXPERTS, ORIGINAL_FOLDERS
 
 __all__ = ["LAYOUTS", "Param", "SafetensorsSource", "StateDictSource", "config_from_diffusers", "config_to_diffusers",
            "FolderInfo", "config_from_original", "config_to_original", "expert_folder", "folder_info", "from_ours",
            "is_wan22_folder",
-           "load", "merge_tp", "param_table", "rename", "split_tp", "to_ours"]
+           "load", "open_source", "merge_tp", "param_table", "rename", "split_tp", "to_ours"]
 
 # released boundary of an original A14B folder (its config.json does not hold it), by model_type
 ORIGINAL_BOUNDARY = {"t2v": BOUNDARY_RATIOS["wan2.2-t2v-a14b"], "i2v": BOUNDARY_RATIOS["wan2.2-i2v-a14b"]}
@@ -155,6 +155,25 @@ def _open_folder(folder: Path, expert: str | None, layout: str | None):
     return SafetensorsSource(sub), cfg, info.layout
 
 
+def _open(source, layout: str | None, overrides: dict):
+    """(source, config, layout, overrides without `expert`) of one transformer of a Wan 2.2 checkpoint."""
+    overrides = dict(overrides or {})
+    expert = overrides.pop("expert", None)
+    if _checkpoint_folder(source, layout):
+        return (*_open_folder(Path(source), expert, layout), overrides)
+    if expert is not None:
+        raise ValueError(f"expert={expert!r} names a transformer of a pipeline folder; {source!r} is not one")
+    return (*wan21_open_source(source, layout or "diffusers", overrides), layout or "diffusers", overrides)
+
+
+def open_source(source, layout: str | None, overrides: dict):
+    """(weights source, WanConfig) of one transformer of a Wan 2.2 checkpoint, as wan2.1's `open_source`: a
+    pipeline folder in either layout (`overrides["expert"]` naming the A14B expert), else a transformer folder,
+    module or state dict in `layout`."""
+    src, cfg, _, _ = _open(source, layout, overrides)
+    return src, cfg
+
+
 def load(model_cls, source, layout: str | None = "diffusers", overrides: dict | None = None,
          expert: str | None = None):
     """Build `model_cls` for one transformer of a Wan 2.2 checkpoint, each TP rank reading only its slice.
@@ -164,12 +183,6 @@ def load(model_cls, source, layout: str | None = "diffusers", overrides: dict | 
     `overrides` are config fields; an `expert` among them (as `ModelSpec.load(folder, expert=...)` passes it) is
     taken out."""
     overrides = dict(overrides or {})
-    expert = overrides.pop("expert", expert)
-    if _checkpoint_folder(source, layout):
-        src, cfg, layout = _open_folder(Path(source), expert, layout)
-    else:
-        if expert is not None:
-            raise ValueError(f"expert={expert!r} names a transformer of a pipeline folder; {source!r} is not one")
-        src, cfg = open_source(source, layout or "diffusers", overrides)
-        layout = layout or "diffusers"
+    overrides.setdefault("expert", expert)
+    src, cfg, layout, overrides = _open(source, layout, overrides)
     return load_from(model_cls, src, cfg, layout, overrides)
