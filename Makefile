@@ -1,5 +1,6 @@
 # `make demo` and `make test` create .venv when missing and install the package (with its test tools);
-# `make demo` runs the whole method on real footage (TASK=t2v|i2v), `make test` runs the suite.
+# `make demo` runs the whole method on real footage (TASK=t2v|i2v; MODEL=wan2.2-ti2v: Wan 2.2 TI2V-5B, t2v),
+# `make test` runs the suite.
 # CPU path: torch is pinned to the CPU build; an unpinned torch would pull the multi-GB CUDA build.
 # DeepSpeed ships as a source package whose build imports torch, hence --no-build-isolation.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -9,6 +10,7 @@ TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
 
 TASK ?= t2v
+MODEL ?= wan2.1
 
 .PHONY: demo test lint install gpu-check
 
@@ -22,8 +24,9 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 # The whole method on real footage with a tiny random Wan (no weights can be downloaded): outputs/demo/report.md
+# (MODEL=wan2.2-ti2v: outputs/demo-wan2.2-ti2v/report.md)
 demo: install
-	DS_ACCELERATOR=cpu $(PY) -m launch.demo --task $(TASK)
+	DS_ACCELERATOR=cpu $(PY) -m launch.demo --model $(MODEL) --task $(TASK)
 
 test: install
 	DS_ACCELERATOR=cpu $(PY) -m pytest $(PYTEST_ARGS) tests

@@ -181,11 +181,12 @@ class Geometry:
     top: int
 
 
-def bucket_size(aspect: str, min_side: int) -> tuple[int, int]:
-    """Output (width, height) of a bucket: the short side min_side, both sides multiples of 16."""
+def bucket_size(aspect: str, min_side: int, multiple: int = 16) -> tuple[int, int]:
+    """Output (width, height) of a bucket: the short side min_side (rounded up), both sides multiples of
+    `multiple`."""
     a, b = ASPECTS[aspect]
-    short = math.ceil(min_side / 16) * 16
-    long = max(short, round(short * max(a, b) / min(a, b) / 16) * 16)
+    short = math.ceil(min_side / multiple) * multiple
+    long = max(short, round(short * max(a, b) / min(a, b) / multiple) * multiple)
     return (long, short) if a >= b else (short, long)
 
 

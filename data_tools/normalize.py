@@ -1,7 +1,7 @@
 """normalize: GT videos to the model's format (Appendix A.1): 16 fps resampled by timestamps, the first
 81 frames (shorter videos are rejected), cover-scaled so the short side is `--min-side` (720) and
 center-cropped to the nearest aspect bucket (sides multiples of 16), H.264 via PyAV (`--format wan2.2-ti2v`:
-TI2V-5B's 24 fps, 121 frames, 1280x704 or 704x1280); the first frame
+TI2V-5B's 24 fps, 121 frames, 1280x704 or 704x1280, sides multiples of 32 with --min-side); the first frame
 as the reference image (PNG) and the prompt, from `--captions` (CSV or JSONL; OpenVid-1M's CSV as is)
 or an external `--captioner CMD` (run as `CMD VIDEO`, the caption read from its standard output). A video finds
 its caption row by its most specific name (id, relative path, file name, stem: see data_tools.stage.VideoTable).
@@ -48,17 +48,18 @@ class Spec:
     crf: int = 17
     preset: str = "faster"
     sizes: tuple = ()  # (aspect, width, height) of buckets whose size is fixed (a --format's), else bucket_size
+    multiple: int = 16  # what the sides of a computed bucket divide by (the model's VAE stride x patch)
 
     def size(self, aspect: str) -> tuple[int, int]:
         """(width, height) of the aspect bucket `aspect`."""
         fixed = {a: (w, h) for a, w, h in self.sizes}
-        return fixed.get(aspect) or bucket_size(aspect, self.min_side)
+        return fixed.get(aspect) or bucket_size(aspect, self.min_side, self.multiple)
 
 
 # --format: a model's native training format; --fps, --frames, --min-side and --aspects override its values
 FORMATS = {
     "wan2.1": dict(fps=16, frames=81, min_side=720, aspects=("9:16", "3:4", "1:1", "16:9")),
-    "wan2.2-ti2v": dict(fps=24, frames=121, min_side=704, aspects=("9:16", "16:9"),  # TI2V-5B: sides / 32
+    "wan2.2-ti2v": dict(fps=24, frames=121, min_side=704, aspects=("9:16", "16:9"), multiple=32,  # TI2V-5B: / 32
                         sizes=(("16:9", 1280, 704), ("9:16", 704, 1280))),
 }
 

@@ -180,7 +180,8 @@ class WanSampler:
         device = parallel.default_device() if device is None else device
         self.encoders = self.spec.conditioner(model_dir, task, device, encoder_dtype, offload)
         # Wan 2.2 A14B: both experts (of model_dir, or of `transformer`'s folder) as one denoiser
-        self.model = self.spec.load(transformer or model_dir, layout, params_dtype=dtype).to(self.encoders.device)
+        self.model = self.spec.load(transformer or model_dir, layout, params_dtype=dtype,
+                                    **self.encoders.model_fields()).to(self.encoders.device)
         self.model.eval()
         if self.model.wan.model_type != self.encoders.task and not self.model.wan.expand_timesteps:  # TI2V: both
             raise ValueError(f"{transformer or model_dir}: a {self.model.wan.model_type} transformer, but the "

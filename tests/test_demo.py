@@ -36,7 +36,7 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     for stage in ("probe", "select", "filter", "normalize"):
         assert f"{stage}: " in out and "already done" in out
-    assert "encode: 4 inputs, 0 accepted, 0 rejected (4 already done)" in out
+    assert "encode: 4 inputs, 4 accepted, 0 rejected (4 already done)" in out  # the stage runner's summary
 
     from megatron_wan.eval.__main__ import main as evaluate
 

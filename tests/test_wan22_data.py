@@ -92,4 +92,5 @@ def test_normalize_formats():
     assert all(side % 32 == 0 for a in ti2v.aspects for side in ti2v.size(a))  # TI2V-5B: VAE /16, patch /2
     assert format_spec("wan2.1") == Spec() and Spec().size("16:9") == (1280, 720)
     small = format_spec("wan2.2-ti2v", min_side=64, frames=9)
-    assert (small.fps, small.frames, small.size("16:9")) == (24, 9, (112, 64))  # a given side: computed buckets
+    # a given side: computed buckets, still with sides / 32 (16 would give 112 x 64, which TI2V-5B cannot take)
+    assert (small.fps, small.frames, small.size("16:9"), small.size("9:16")) == (24, 9, (128, 64), (64, 128))

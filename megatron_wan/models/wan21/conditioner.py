@@ -177,6 +177,11 @@ class WanEncoders:
             if self.offload:
                 module.to(self.offload_device)
 
+    def model_fields(self) -> dict:
+        """DiT config fields the pipeline folder sets beyond its transformer's config.json, for a transformer loaded
+        apart from it (a trained one): none for Wan 2.1."""
+        return {}
+
     def identity(self) -> dict:
         """What the encodings depend on: folder, task, dtype and a SHA-256 of each component's config."""
         def digest(path):

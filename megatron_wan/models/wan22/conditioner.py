@@ -54,6 +54,10 @@ class Wan22Encoders(WanEncoders):
             fps = FPS_TI2V if self.expand_timesteps else self.geometry.fps
             self.geometry = dataclasses.replace(self.geometry, fps=fps, family="Wan 2.2")
 
+    def model_fields(self) -> dict:
+        """TI2V-5B's per-token timesteps: a pipeline flag (model_index.json), not in the transformer's config."""
+        return {"expand_timesteps": self.expand_timesteps}
+
     def identity(self) -> dict:
         """WanEncoders' identity, over the components a Wan 2.2 folder has (no image encoder)."""
         identity = super().identity()
