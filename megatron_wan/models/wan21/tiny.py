@@ -78,12 +78,18 @@ def tiny_pipeline(task: str = "t2v", seed: int = 0):
     return cls(**tiny_components(task, seed))
 
 
-def write_tiny_wan(directory, task: str = "t2v", seed: int = 0) -> Path:
-    """Save a tiny random Wan 2.1 pipeline folder (diffusers layout) at `directory`; an existing one is kept."""
+def save_tiny(directory, pipeline, task: str, seed: int, family: str) -> Path:
+    """Save `pipeline(task, seed)` (a diffusers pipeline of tiny random components) at `directory`, marked as not
+    `family`'s weights; an existing folder is kept."""
     directory = Path(directory)
     if (directory / "model_index.json").exists():
         return directory
-    tiny_pipeline(task, seed).save_pretrained(directory)
+    pipeline(task, seed).save_pretrained(directory)
     (directory / "TINY_RANDOM_WEIGHTS.json").write_text(json.dumps(
-        {"task": task, "seed": seed, "note": "randomly initialized tiny configs of the real classes, not Wan 2.1"}))
+        {"task": task, "seed": seed, "note": f"randomly initialized tiny configs of the real classes, not {family}"}))
     return directory
+
+
+def write_tiny_wan(directory, task: str = "t2v", seed: int = 0) -> Path:
+    """Save a tiny random Wan 2.1 pipeline folder (diffusers layout) at `directory`; an existing one is kept."""
+    return save_tiny(directory, tiny_pipeline, task, seed, "Wan 2.1")

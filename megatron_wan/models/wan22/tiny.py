@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from megatron_wan.models.wan21.adapter import config_to_diffusers
-from megatron_wan.models.wan21.tiny import tiny_components
+from megatron_wan.models.wan21.tiny import save_tiny, tiny_components
 from megatron_wan.models.wan22.config import BOUNDARY_RATIOS, ORIGINAL_FOLDERS, preset
 
 TINY_PRESETS = {"t2v-a14b": "tiny-wan2.2-t2v-a14b", "i2v-a14b": "tiny-wan2.2-i2v-a14b", "ti2v": "tiny-wan2.2-ti2v"}
@@ -76,10 +76,4 @@ def write_original_transformers(pipeline_dir, directory) -> Path:
 
 def write_tiny(directory, task: str = "t2v-a14b", seed: int = 0) -> Path:
     """Save a tiny random Wan 2.2 pipeline folder (diffusers layout) at `directory`; an existing one is kept."""
-    directory = Path(directory)
-    if (directory / "model_index.json").exists():
-        return directory
-    tiny_pipeline(task, seed).save_pretrained(directory)
-    (directory / "TINY_RANDOM_WEIGHTS.json").write_text(json.dumps(
-        {"task": task, "seed": seed, "note": "randomly initialized tiny configs of the real classes, not Wan 2.2"}))
-    return directory
+    return save_tiny(directory, tiny_pipeline, task, seed, "Wan 2.2")
