@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from wan_reference import inputs, perturbed_reference, rel_err
+from wan_reference import assert_forward_matches, assert_gradients_match, inputs, perturbed_reference, rel_err
 
 from megatron_wan.model import WanModel, preset
-from megatron_wan.models.wan21.adapter import rename
 
 GRIDS = [(1, 4, 4), (3, 4, 6), (2, 6, 3)]  # latent (f, h, w) after patching; non-square included
 
@@ -26,26 +25,12 @@ def test_every_reference_parameter_is_perturbed(pair):
 @pytest.mark.parametrize("grid", GRIDS)
 def test_forward_matches_diffusers(pair, grid):
     cfg, ref, ours = pair
-    x, t, text, clip = inputs(cfg, grid)
-    with torch.no_grad():
-        expected = ref(x, t, text, clip, return_dict=False)[0]
-        got = ours(x, t, text, clip)
-    assert got.shape == expected.shape == (x.shape[0], cfg.out_dim, *x.shape[2:])
-    assert rel_err(got, expected) < 1e-5
+    assert_forward_matches(ref, ours, cfg, *inputs(cfg, grid))
 
 
 def test_gradients_match_diffusers(pair):
     cfg, ref, ours = pair
-    x, t, text, clip = inputs(cfg, (2, 3, 4))
-    weight = torch.randn(x.shape[0], cfg.out_dim, *x.shape[2:],
-                         generator=torch.Generator().manual_seed(0))
-    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-    (ref(xr, t, text, clip, return_dict=False)[0] * weight).sum().backward()
-    (ours(xo, t, text, clip) * weight).sum().backward()
-    assert rel_err(xo.grad, xr.grad) < 1e-5
-    ref_grads = dict(ref.named_parameters())
-    for name, p in ours.named_parameters():
-        assert rel_err(p.grad, ref_grads[rename(name, "diffusers")].grad) < 1e-5, name
+    assert_gradients_match(ref, ours, cfg, *inputs(cfg, (2, 3, 4)))
 
 
 def test_timesteps_are_per_sample(pair):

@@ -4,7 +4,7 @@ frame count that does not split evenly."""
 
 import pytest
 import torch
-from wan_reference import inputs, perturbed_reference, rel_err
+from wan_reference import assert_forward_matches, assert_gradients_match, inputs, perturbed_reference, rel_err
 
 from launch.local import run_local
 from megatron_wan import parallel
@@ -49,11 +49,7 @@ def test_forward_matches_diffusers(pair, timesteps):
     x, t, text, clip = inputs(cfg, (3, 2, 3), timesteps=(700.0, 40.0))
     if timesteps != "per_sample":
         t = _per_token(x, cfg, first_frame_zero=timesteps == "first_frame_zero")
-    with torch.no_grad():
-        expected = ref(x, t, text, clip, return_dict=False)[0]
-        got = ours(x, t, text, clip)
-    assert got.shape == expected.shape == (x.shape[0], cfg.out_dim, *x.shape[2:])
-    assert rel_err(got, expected) < 1e-5
+    assert_forward_matches(ref, ours, cfg, x, t, text, clip)
 
 
 def test_per_token_timesteps_are_used_per_token(pair):
@@ -72,15 +68,7 @@ def test_per_token_timesteps_are_used_per_token(pair):
 def test_gradients_match_diffusers_with_per_token_timesteps(pair):
     cfg, ref, ours = pair
     x, _, text, clip = inputs(cfg, (2, 3, 2), timesteps=(700.0, 40.0))
-    t = _per_token(x, cfg)
-    weight = torch.randn(x.shape[0], cfg.out_dim, *x.shape[2:], generator=torch.Generator().manual_seed(0))
-    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-    (ref(xr, t, text, clip, return_dict=False)[0] * weight).sum().backward()
-    (ours(xo, t, text, clip) * weight).sum().backward()
-    assert rel_err(xo.grad, xr.grad) < 1e-5
-    ref_grads = dict(ref.named_parameters())
-    for name, p in ours.named_parameters():
-        assert rel_err(p.grad, ref_grads[rename(name, "diffusers")].grad) < 1e-5, name
+    assert_gradients_match(ref, ours, cfg, x, _per_token(x, cfg), text, clip)
     ours.zero_grad(set_to_none=True)
 
 
