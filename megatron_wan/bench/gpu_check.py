@@ -50,6 +50,10 @@ STEPS = (
     Step("environment", "torch, CUDA, GPUs, NCCL, Transformer Engine and flash-attn versions"),
     Step("baseline", "diffusers bf16 autocast vs diffusers fp32: the errors every tolerance is set from"),
     *_parity_steps(),
+    Step("parity:per-token", "Wan 2.2 TI2V per-token timesteps (first frame at t=0), bf16, against fp32 diffusers; "
+         "tolerance from diffusers' own bf16 error on the same timesteps"),
+    Step("compile", "model.compile (regional torch.compile, Inductor on CUDA), bf16: forward + backward against the "
+         "eager model; no recompile on a second call"),
     Step("cp2:ring", "CP=2 ring vs CP=1 (sdpa), padded (5 token frames) and unpadded (4) videos", 2),
     Step("cp2:ulysses", "CP=2 Ulysses vs CP=1 (sdpa), padded and unpadded", 2),
     Step("cp2:ulysses+te", "CP=2 Ulysses with TE's kernel (built for heads / CP) vs CP=1", 2, "transformer_engine"),
@@ -179,6 +183,52 @@ def step_parity(provider, backend):
                           f"worst: {worst}" if k == "param_grad" else "") for k, v in errors.items()]
         return rows
     return run
+
+
+def step_per_token(ctx):
+    from megatron_wan import parallel
+    from megatron_wan.bench.parity import inputs, perturbed_reference
+    from megatron_wan.models.wan21 import WanModel
+    from megatron_wan.models.wan21.adapter import rename
+
+    parallel.initialize()
+    cfg = check_config("t2v").replace(expand_timesteps=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    ref = perturbed_reference(cfg).cuda()
+    x, _, text, clip = inputs(cfg, GRIDS["t2v"])
+    tokens = x.shape[2] * x.shape[3] * x.shape[4] // math.prod(cfg.patch_size)
+    t = torch.rand(x.shape[0], tokens, generator=torch.Generator().manual_seed(5)) * 1000
+    t[:, : tokens // x.shape[2]] = 0  # the first latent frame's tokens: the conditioning image (TI2V)
+    batch = (x, t, text, clip)
+    want = forward_backward(ref, batch, True, False)
+    base, _ = _errors(forward_backward(ref, batch, True, True), want)
+    ours = WanModel.from_diffusers(ref).cuda()
+    errors, worst = _errors(forward_backward(ours, batch, False, True), want, lambda n: rename(n, "diffusers"))
+    return [_row(k, v, FACTOR * base[k], within(v, base[k]), f"worst: {worst}" if k == "param_grad" else "")
+            for k, v in errors.items()]
+
+
+def step_compile(ctx):
+    from megatron_wan import parallel
+    from megatron_wan.compile import compile_blocks, compile_stats
+    from megatron_wan.models.wan21 import WanModel
+
+    parallel.initialize()
+    rows = []
+    for task in ("t2v", "i2v"):
+        _, ref, batch = _reference(task)
+        eager = forward_backward(WanModel.from_diffusers(ref).cuda(), batch, False, True)
+        model = compile_blocks(WanModel.from_diffusers(ref).cuda(), "default")
+        forward_backward(model, batch, False, True)  # the first call compiles
+        graphs = compile_stats()["graphs"]
+        errors, worst = _errors(forward_backward(model, batch, False, True), eager)
+        base = ctx["baseline"][task]
+        rows += [_row(f"{task} {k} vs eager", v, FACTOR * base[k], within(v, base[k]),
+                      f"worst: {worst}" if k == "param_grad" else "") for k, v in errors.items()]
+        stats = compile_stats()
+        rows.append(_row(f"{task} graphs after a second call", stats["graphs"], graphs, stats["graphs"] == graphs,
+                         f"{stats['recompiles']} recompiles, {stats['seconds']:.1f} s compiling"))
+    return rows
 
 
 def _parallel_worker(tp, cp, cp_comm, backend, provider, task, frames, state):
@@ -409,6 +459,7 @@ def step_throughput(ctx):
 RUNNERS = {
     "environment": step_environment, "baseline": step_baseline,
     **{f"parity:{p}+{b}": step_parity(p, b) for p in ("local", "te") for b in ("sdpa", "flash", "te")},
+    "parity:per-token": step_per_token, "compile": step_compile,
     "cp2:ring": _compare_parallel(1, 2, "ring"), "cp2:ulysses": _compare_parallel(1, 2, "ulysses"),
     "cp2:ulysses+te": _compare_parallel(1, 2, "ulysses", backend="te"), "cp2:te": step_cp_te,
     "tp2:local": _compare_parallel(2, 1, "ring", frames=(5,)),
