@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from launch.local import run_local
 from megatron_wan.bench.__main__ import main as bench
 from megatron_wan.bench.sweep import ROWS, write_dataset
+from megatron_wan.parallel.local import run_local
 
 
 def test_quick_sweep_writes_its_table_and_chart(tmp_path):

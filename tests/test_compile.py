@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_train import ERRORS, RECIPES
 
-from launch.local import run_local
 from megatron_wan.config import ConfigError, load_config
+from megatron_wan.parallel.local import run_local
 
 STEPS = 3
 

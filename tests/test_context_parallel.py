@@ -6,7 +6,6 @@ import torch
 from pair_fixtures import grads, pair_batch, policy_and_reference
 from wan_reference import inputs, perturbed_reference, rel_err
 
-from launch.local import run_local
 from megatron_wan import parallel
 from megatron_wan.model import WanModel, preset
 from megatron_wan.models.wan21.adapter import merge_tp
@@ -15,6 +14,7 @@ from megatron_wan.objectives.flow_matching import FlowMatching, per_sample_error
 from megatron_wan.objectives.pair_step import PairObjective
 from megatron_wan.objectives.reference import CopyReference
 from megatron_wan.parallel.context_parallel import FrameShard
+from megatron_wan.parallel.local import run_local
 
 MODELS = ("tiny", "tiny-i2v")
 COMMS = ("ring", "ulysses")

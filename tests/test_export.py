@@ -18,11 +18,11 @@ from safetensors import safe_open
 from test_train import argv
 from wan_reference import inputs, perturbed_reference, rel_err
 
-from launch.local import run_local
 from megatron_wan.engines.megatron import ENGINE_DIR, tp_key
 from megatron_wan.export import ADAPTER_FORMATS, FORMATS, export, main, read_checkpoint
 from megatron_wan.model import preset
 from megatron_wan.models.wan21.adapter import param_table, rename, split_tp, to_ours
+from megatron_wan.parallel.local import run_local
 
 BATCH = inputs(preset("tiny"), grid=(2, 4, 4), timesteps=(3.0, 500.0))
 

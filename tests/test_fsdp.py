@@ -22,9 +22,9 @@ import pytest
 import torch
 from wan_reference import inputs, rel_err
 
-from launch.local import run_local
 from megatron_wan.bench.sweep import write_dataset
 from megatron_wan.data.samplers import BucketBatchSampler
+from megatron_wan.parallel.local import run_local
 
 REPO = Path(__file__).parent.parent
 RECIPE = {"t2v": REPO / "configs" / "tiny-t2v-regdpo.yaml", "i2v": REPO / "configs" / "tiny-i2v-regdpo.yaml"}

@@ -15,7 +15,6 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 from wan_reference import inputs, perturbed_reference, rel_err
 
-from launch.local import run_local
 from megatron_wan import parallel, throughput
 from megatron_wan.config import ConfigError, load_config, validate
 from megatron_wan.models.wan21 import WanModel, attention, preset, specs
@@ -24,6 +23,7 @@ from megatron_wan.models.wan21.lora import apply_lora, lora_layers
 from megatron_wan.objectives.reference import make_reference
 from megatron_wan.parallel import context_parallel as cp
 from megatron_wan.parallel.context_parallel import FrameShard
+from megatron_wan.parallel.local import run_local
 
 BF16, FP32 = torch.bfloat16, torch.float32
 

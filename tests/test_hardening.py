@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.local import run_local
 from megatron_wan.config import ConfigError, load_config
+from megatron_wan.parallel.local import run_local
 
 REPO = Path(__file__).parent.parent
 RECIPE = REPO / "configs" / "tiny-t2v-regdpo.yaml"

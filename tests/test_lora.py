@@ -4,10 +4,10 @@ import pytest
 import torch
 from wan_reference import inputs, perturbed_reference, rel_err
 
-from launch.local import run_local
 from megatron_wan import parallel
 from megatron_wan.model import WanModel, preset
 from megatron_wan.models.wan21.lora import apply_lora, disable_adapter, load_lora_state_dict, lora_state_dict
+from megatron_wan.parallel.local import run_local
 
 TARGETS = ("linear_q", "linear_k", "linear_v", "linear_proj", "linear_fc1", "linear_fc2", "linear_k_img")
 

@@ -5,12 +5,12 @@ import torch
 from pair_fixtures import grads, pair_batch, policy_and_reference
 from wan_reference import rel_err
 
-from launch.local import run_local
 from megatron_wan import parallel
 from megatron_wan.models.wan21.lora import apply_lora, lora_layers
 from megatron_wan.objectives.flow_matching import FlowMatching
 from megatron_wan.objectives.pair_step import PairObjective
 from megatron_wan.objectives.reference import OffloadedCopyReference, make_reference
+from megatron_wan.parallel.local import run_local
 
 FLOW = FlowMatching(shift=3.0, seed=11)
 

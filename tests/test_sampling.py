@@ -22,10 +22,10 @@ from wan_reference import rel_err
 
 from data_tools.__main__ import main
 from data_tools.stage import read_journal, read_jsonl
-from launch.local import run_local
 from megatron_wan import parallel
 from megatron_wan.models.wan21.adapter import config_to_original, from_ours
 from megatron_wan.parallel.context_parallel import FrameShard
+from megatron_wan.parallel.local import run_local
 from megatron_wan.sampling import SamplingConfig, WanSampler
 
 REPO = Path(__file__).parent.parent

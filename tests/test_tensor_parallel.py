@@ -4,10 +4,10 @@ import pytest
 import torch
 from wan_reference import inputs, perturbed_reference, rel_err
 
-from launch.local import run_local
 from megatron_wan import parallel
 from megatron_wan.model import WanModel, preset
 from megatron_wan.models.wan21.adapter import merge_tp
+from megatron_wan.parallel.local import run_local
 
 
 def forward_backward(cfg, state_dict, batch, tensor_parallel=1):

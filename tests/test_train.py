@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.local import run_local
 from megatron_wan.config import ConfigError, load_config, validate
+from megatron_wan.parallel.local import run_local
 
 REPO = Path(__file__).parent.parent
 RECIPES = {"t2v": REPO / "configs" / "tiny-t2v-regdpo.yaml", "i2v": REPO / "configs" / "tiny-i2v-regdpo.yaml"}

@@ -14,13 +14,13 @@ import pytest
 import torch
 from wan_reference import inputs, rel_err
 
-from launch.local import run_local
 from megatron_wan.config import load_config
 from megatron_wan.export import main as export_main
 from megatron_wan.models.wan21.lora import apply_lora
 from megatron_wan.models.wan22 import DIFFUSERS_FOLDERS, EXPERTS, HIGH_NOISE, LOW_NOISE, SPEC, WanModel
 from megatron_wan.objectives.experts import flow_for
 from megatron_wan.objectives.flow_matching import FlowMatching
+from megatron_wan.parallel.local import run_local
 
 REPO = Path(__file__).parent.parent
 RECIPE = REPO / "configs" / "tiny-wan2.2-t2v-a14b-regdpo.yaml"

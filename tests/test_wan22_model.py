@@ -6,13 +6,13 @@ import pytest
 import torch
 from wan_reference import assert_forward_matches, assert_gradients_match, inputs, perturbed_reference, rel_err
 
-from launch.local import run_local
 from megatron_wan import parallel
 from megatron_wan.model import WanModel
 from megatron_wan.models.wan21.adapter import rename, split_tp
 from megatron_wan.models.wan22 import DIFFUSERS_FOLDERS, EXPERTS, HIGH_NOISE, LOW_NOISE, PRESETS, SPEC, preset
 from megatron_wan.models.wan22.adapter import FolderInfo, folder_info
 from megatron_wan.models.wan22.tiny import write_original_transformers
+from megatron_wan.parallel.local import run_local
 
 TINY = [name for name in PRESETS if name.startswith("tiny-")]
 

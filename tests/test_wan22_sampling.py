@@ -13,9 +13,9 @@ from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipel
 from PIL import Image
 from wan_reference import rel_err
 
-from launch.local import run_local
 from megatron_wan import parallel
 from megatron_wan.models.wan22.experts import ExpertPair
+from megatron_wan.parallel.local import run_local
 from megatron_wan.sampling import SamplingConfig, WanSampler
 
 PROMPT, NEGATIVE = "a white rabbit walks in a green meadow", "dark blurry still"

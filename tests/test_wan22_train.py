@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.local import run_local
 from megatron_wan.config import ConfigError, load_config, resume_changes
 from megatron_wan.objectives.experts import ExpertFlow, Experts, boundary_ratio, is_high_noise
 from megatron_wan.objectives.flow_matching import FlowMatching
+from megatron_wan.parallel.local import run_local
 
 REPO = Path(__file__).parent.parent
 RECIPE = REPO / "configs" / "tiny-wan2.2-t2v-a14b-regdpo.yaml"

@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 from test_train import ERRORS, argv, metrics, train
 
-from launch.local import run_local
 from megatron_wan.data.datasets import PairDataset
 from megatron_wan.data.loader import PairLoader
 from megatron_wan.data.samplers import BucketBatchSampler
+from megatron_wan.parallel.local import run_local
 
 STEPS = 4
 WATCH = ("run.context_parallel=2", f"run.steps={STEPS}", "run.save_every=2", "run.validate_every=3",
