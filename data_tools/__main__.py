@@ -1,5 +1,6 @@
 """python -m data_tools STAGE --in X --out DIR [--workers N] [--shard I/N] [stage options]
 python -m data_tools verify DIR
+python -m data_tools world --out DIR --videos N --seed S   (procedural clips with known truth)
 
 Stages, in pipeline order: probe, select, filter, normalize, generate, import-generated, pair, encode.
 `--in` is a directory of videos, a stage's output directory, or a JSONL manifest.
@@ -21,7 +22,7 @@ STAGES = {  # CLI name -> module
     "pair": "pair",
     "encode": "encode",
 }
-COMMANDS = {"verify": "verify"}  # not stages: no --in/--out
+COMMANDS = {"verify": "verify", "world": "world"}  # not stages: no --in
 
 
 def build_parser() -> argparse.ArgumentParser:

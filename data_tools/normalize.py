@@ -61,6 +61,7 @@ FORMATS = {
     "wan2.1": dict(fps=16, frames=81, min_side=720, aspects=("9:16", "3:4", "1:1", "16:9")),
     "wan2.2-ti2v": dict(fps=24, frames=121, min_side=704, aspects=("9:16", "16:9"), multiple=32,  # TI2V-5B: / 32
                         sizes=(("16:9", 1280, 704), ("9:16", 704, 1280))),
+    "world": dict(fps=16, frames=17, min_side=32, aspects=("1:1",), sizes=(("1:1", 32, 32),)),  # data_tools.world
 }
 
 
@@ -163,7 +164,7 @@ def add_arguments(parser) -> None:
     parser.description = __doc__
     parser.add_argument("--format", choices=sorted(FORMATS), default="wan2.1",
                         help="the model's native format: wan2.1 (16 fps, 81 frames, short side 720), wan2.2-ti2v "
-                             "(24 fps, 121 frames, 1280x704 / 704x1280)")
+                             "(24 fps, 121 frames, 1280x704 / 704x1280), world (16 fps, 17 frames, 32x32: data_tools world)")
     parser.add_argument("--fps", type=int, help="default: the format's")
     parser.add_argument("--frames", type=int, help="default: the format's")
     parser.add_argument("--min-side", type=int, help="default: the format's (given: bucket sizes from it)")
