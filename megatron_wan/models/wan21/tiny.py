@@ -22,13 +22,13 @@ WORDS = ("a an the of in on at to with and is are into out over under from by bi
 TINY_PRESETS = {"t2v": "tiny", "i2v": "tiny-i2v"}
 
 
-def tiny_tokenizer():
-    """A T5-style fast tokenizer (lower-cased words, `</s>` appended, `<pad>` = 0) over a small vocabulary."""
+def tiny_tokenizer(words=WORDS):
+    """A T5-style fast tokenizer (lower-cased words, `</s>` appended, `<pad>` = 0) over the vocabulary `words`."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(("<pad>", "</s>", "<unk>", *WORDS))}
+    vocab = {tok: i for i, tok in enumerate(("<pad>", "</s>", "<unk>", *words))}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -37,10 +37,19 @@ def tiny_tokenizer():
                                    model_max_length=512)
 
 
+def tiny_text_encoder(tokenizer, text_dim: int):
+    """A tiny random UMT5EncoderModel over `tokenizer`'s vocabulary with `text_dim` wide states."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1))
+
+
 def tiny_components(task: str = "t2v", seed: int = 0) -> dict:
     """The pipeline components of a tiny random Wan 2.1 model for `task` ('t2v' or 'i2v')."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     if task not in TINY_PRESETS:
         raise ValueError(f"task: expected one of {sorted(TINY_PRESETS)}, found {task!r}")
@@ -51,9 +60,7 @@ def tiny_components(task: str = "t2v", seed: int = 0) -> dict:
         "transformer": WanTransformer3DModel(**config_to_diffusers(cfg)),
         "vae": AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                 temperal_downsample=[False, True, True]),
-        "text_encoder": UMT5EncoderModel(UMT5Config(
-            vocab_size=len(tokenizer), d_model=cfg.text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1)),
+        "text_encoder": tiny_text_encoder(tokenizer, cfg.text_dim),
         "tokenizer": tokenizer,
         "scheduler": UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                              num_train_timesteps=1000, flow_shift=3.0),

@@ -1,0 +1,220 @@
+"""`make world` (python -m launch.world --out outputs/world): the world's base model, built here from nothing.
+
+1. clips: `data_tools world` (procedural clips with known truth, data_tools.world);
+2. the data path unchanged: probe -> select -> filter -> normalize `--format world` (RELAXED lists the flags that
+   differ from the defaults, and why);
+3. the VAE: diffusers' AutoencoderKLWan trained from scratch on the `train` clips (launch.world_vae);
+4. an initial pipeline folder: that VAE, a tiny random umT5 with the world's word-level tokenizer (frozen: it only has
+   to tell the captions apart), a random DiT (`world` preset), the scheduler;
+5. the DiT trained by this project's own trainer (`objective.mode: sft`, full fine-tuning, 2 ranks) on the encoded
+   `train` clips, configs/world-base-sft.yaml, stopped early on purpose so that there is room to improve;
+6. OUT/base: the initial folder with the trained transformer (WanPipeline.from_pretrained loads it);
+7. the table: world metrics (megatron_wan.eval.world) of the real clips, the random-weights model and the base on
+   the same prompts and seeds, per split, in OUT/summary.md and OUT/summary.json.
+Every step is reused when its output exists; each prints its wall time.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHIFT = 3.0  # the scheduler's flow shift, the recipe's objective.shift and the samples'
+
+RELAXED = {  # the data stages' flags for world clips, and why
+    "select": ["--min-edge", "32", "--duration", "1", "2", "--aspects", "1:1"],  # 32x32 clips of 1.06 s, square
+    "filter": ["--min-motion", "0.1"],  # a small object moving 0.45 px a frame scores ~0.5, under the default 1.0
+}
+
+
+def _log(message: str) -> None:
+    print(f"[world] {message}", flush=True)
+
+
+def data_tools(*argv) -> dict:
+    from data_tools.__main__ import main
+
+    return main([str(a) for a in argv])
+
+
+def timed(name: str, times: dict, done: Path):
+    """Decorator-free helper: whether step `name` must run (its output `done` is absent); records wall time."""
+    if done.exists():
+        _log(f"{name}: reused {done}")
+        times.setdefault(name, "reused")
+        return False
+    return True
+
+
+def records(stage_dir: Path) -> list[dict]:
+    from data_tools.stage import read_jsonl
+
+    return read_jsonl(stage_dir / "manifest.jsonl")
+
+
+def attributes(clips: Path) -> dict:
+    """The world's attribute rows by clip id (file stem)."""
+    from data_tools.stage import read_jsonl
+
+    return {Path(r["video"]).stem: r for r in read_jsonl(clips / "attributes.jsonl")}
+
+
+def split_frames(out: Path, split: str, limit: int | None = None):
+    """uint8 frames [N, T, H, W, 3] of the normalized clips of `split`."""
+    import numpy as np
+
+    from data_tools.media import read_frames
+
+    truth = attributes(out / "clips")
+    rows = [r for r in records(out / "normalize") if truth[r["id"]]["split"] == split][:limit]
+    return np.stack([read_frames(r["path"]) for r in rows])
+
+
+def build_data(out: Path, videos: int, seed: int, workers: int, times: dict) -> None:
+    t = time.time()
+    if timed("clips", times, out / "clips" / "attributes.jsonl"):
+        data_tools("world", "--out", out / "clips", "--videos", videos, "--seed", seed)
+    previous = out / "clips"
+    for stage, flags in (("probe", []), ("select", RELAXED["select"]), ("filter", RELAXED["filter"]),
+                         ("normalize", ["--format", "world", "--captions", out / "clips" / "captions.csv"])):
+        if not (out / stage / "manifest.jsonl").exists():
+            data_tools(stage, "--in", previous, "--out", out / stage, "--workers", workers, *flags)
+        previous = out / stage
+    times.setdefault("clips + data path", round(time.time() - t, 1))
+
+
+def build_vae(out: Path, steps: int, seed: int, times: dict) -> Path:
+    from launch.world_vae import psnr, round_trip, to_model, train_vae
+
+    folder = out / "vae"
+    if not timed("vae", times, folder / "config.json"):
+        return folder
+    train, held = split_frames(out, "train"), split_frames(out, "test", 64)
+    vae, summary = train_vae(train, held, steps, seed=seed)
+    x = to_model(held)
+    summary["test_psnr_64"] = round(psnr(round_trip(vae, x), x), 2)
+    tmp = out / ".vae.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps(summary, indent=1))
+    tmp.rename(folder)
+    times["vae"] = summary["seconds"]
+    _log(f"vae: {summary['steps']} steps in {summary['seconds']} s, PSNR on 64 test clips {summary['test_psnr_64']} dB")
+    return folder
+
+
+def build_init(out: Path, seed: int, times: dict) -> Path:
+    """The initial pipeline folder: the trained VAE, a random DiT (`world` preset), a tiny random umT5 over the
+    world's words, the scheduler; the "random weights" model of the table."""
+    folder = out / "init"
+    if not timed("init", times, folder / "model_index.json"):
+        return folder
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    from megatron_wan.eval.world_vocab import WORDS
+    from megatron_wan.models.wan21.adapter import config_to_diffusers
+    from megatron_wan.models.wan21.config import preset
+    from megatron_wan.models.wan21.tiny import tiny_text_encoder, tiny_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer(WORDS)
+    cfg = preset("world")
+    pipe = WanPipeline(transformer=WanTransformer3DModel(**config_to_diffusers(cfg)),
+                       vae=AutoencoderKLWan.from_pretrained(out / "vae"),
+                       text_encoder=tiny_text_encoder(tokenizer, cfg.text_dim).eval(), tokenizer=tokenizer,
+                       scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                         num_train_timesteps=1000, flow_shift=SHIFT))
+    tmp = out / ".init.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def sft_pairs(out: Path) -> Path:
+    """Pairs for the base's SFT (mode sft reads only the winner): every normalized clip paired with itself, in its
+    world split."""
+    from data_tools.stage import write_jsonl
+
+    truth = attributes(out / "clips")
+    pairs = [{"id": f"{r['id']}~self", "kind": "sft", "gt_id": r["id"], "prompt": r["prompt"], "image": r["image"],
+              "split": truth[r["id"]]["split"], "winner": {"id": r["id"], "path": r["path"]},
+              "loser": {"id": r["id"], "path": r["path"]}} for r in records(out / "normalize")]
+    path = out / "sft_pairs.jsonl"
+    write_jsonl(path, pairs)
+    return path
+
+
+def build_encoded(out: Path, init: Path, times: dict) -> Path:
+    folder = out / "encoded"
+    if timed("encode", times, folder / "manifest.json"):
+        t = time.time()
+        data_tools("encode", "--in", sft_pairs(out), "--out", folder, "--model", init)
+        times["encode"] = round(time.time() - t, 1)
+    return folder
+
+
+def train_dit(out: Path, init: Path, encoded: Path, steps: int, times: dict) -> Path:
+    """The DiT by this project's trainer: mode sft, full fine-tuning of the random init, 2 CPU ranks."""
+    run = out / "dit"
+    if timed("dit", times, out / "export" / "transformer" / "config.json"):
+        t = time.time()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "megatron_wan.train", "--config", str(REPO / "configs" / "world-base-sft.yaml"),
+               f"model.weights={init}", f"data.dir={encoded}", f"run.output_dir={run}", f"run.steps={steps}",
+               f"run.save_every={steps}"]
+        _log(" ".join(cmd[2:]))
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        from megatron_wan.export import main as export
+
+        export([str(run), "--out", str(out / "export"), "--formats", "transformer", "--overwrite"])
+        times["dit"] = round(time.time() - t, 1)
+    return out / "export" / "transformer"
+
+
+def build_base(out: Path, init: Path, transformer: Path, times: dict) -> Path:
+    """OUT/base: the initial folder with the trained transformer."""
+    folder = out / "base"
+    if timed("base", times, folder / "model_index.json"):
+        tmp = out / ".base.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(init, tmp, ignore=shutil.ignore_patterns("transformer"))
+        shutil.copytree(transformer, tmp / "transformer")
+        tmp.rename(folder)
+    return folder
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m launch.world", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/world", help="everything lands here; OUT/base is the model")
+    parser.add_argument("--videos", type=int, default=1536, help="world clips (1/6 of them in the test split)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=3000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--dit-steps", type=int, default=400)
+    parser.add_argument("--until", choices=("data", "vae", "base"), help="stop after this step")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    times: dict = {}
+    build_data(out, args.videos, args.seed, args.workers, times)
+    if args.until == "data":
+        return
+    build_vae(out, args.vae_steps, args.seed, times)
+    if args.until != "vae":
+        init = build_init(out, args.seed, times)
+        transformer = train_dit(out, init, build_encoded(out, init, times), args.dit_steps, times)
+        build_base(out, init, transformer, times)
+    _log(f"times: {times}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    sys.exit(main())
