@@ -41,10 +41,10 @@ def combinations() -> list[tuple[str, str, str]]:
 
 
 def held_out(shape: str, colour: str, direction: str) -> bool:
-    """Whether a combination appears only in the `test` split: 8 of the 48, two per colour, each shape and direction
-    still seen in training with every colour."""
-    index = SHAPES.index(shape) + list(COLOURS).index(colour) + list(DIRECTIONS).index(direction)
-    return index % 6 == 0
+    """Whether a combination appears only in the `test` split: 8 of the 48, two (shape, direction) pairs per colour,
+    so that every shape, colour and direction, and every pair of them, is still seen in training."""
+    c = list(COLOURS).index(colour)
+    return (SHAPES.index(shape), list(DIRECTIONS).index(direction)) in {(c % 3, c), ((c + 1) % 3, (c + 2) % 4)}
 
 
 def shape_mask(shape: str, x0: float, y0: float, side: float, size: int = SIZE) -> np.ndarray:
