@@ -163,6 +163,11 @@ def test_a_clip_without_object_or_motion_is_wrong_not_a_crash():
     still = render("square", "blue", 10, 10, 12, (0, 0))
     found = measure(still)
     assert (found["shape"], found["colour"], found["direction"]) == ("square", "blue", None)
+    white = np.where(still == still[0, 0, 0], still, 255).astype(np.uint8)  # the square, without colour
+    assert (measure(white)["shape"], measure(white)["colour"]) == ("square", None)
+    line = np.broadcast_to(np.array(BACKGROUND, np.uint8), (17, 32, 32, 3)).copy()
+    line[:, 16, 4:20] = COLOURS["red"]  # one row high: no vertical spread
+    assert measure(line)["colour"] == "red" and np.isfinite(measure(line)["skew"])
     half = render("circle", "green", 4, 10, 12, (0.6, 0))
     half[8:] = BACKGROUND  # the object vanishes half way
     found = measure(half)

@@ -20,8 +20,9 @@ The rules, per clip of T frames:
               where the sharp edge was); `coverage` = clip(dist / peak, 0, 1) on that mask grown by one pixel, 0
               elsewhere.
   colour      the hue of the mean RGB of the object's core (its mask shrunk by one pixel) over all frames, against
-              the palette's hues, nearest wins. Hue does not change when a colour is mixed with grey (blur into the
-              background, faded edges) or scaled (brightness).
+              the palette's hues, nearest wins; none (wrong) when its channels are less than 30 apart (grey, white,
+              black; the palette's are 160..195 apart). Hue does not change when a colour is mixed with grey (blur
+              into the background, faded edges) or scaled (brightness).
   shape       from the coverage, medians over frames: `skew` = skewness of the row profile (coverage summed along
               each row): 0 for a circle or square, -2 sqrt(2) / 5 = -0.57 for the apex-up triangle; triangle when
               skew < -0.2. Otherwise `fill` = coverage sum / (width x height), width and height being the sums of
@@ -58,6 +59,7 @@ from megatron_wan.files import atomic_path
 from megatron_wan.video_io import read_rgb
 
 MIN_CONTRAST = 40.0  # RGB distance from the background below which a clip has no object
+MIN_CHROMA = 30.0  # max - min channel below which an object has no colour; the palette's is 160..195
 TRIANGLE_SKEW = -0.2  # row-profile skewness: 0 for a circle or square, -2 sqrt(2) / 5 = -0.57 for the triangle
 SQUARE_FILL = 0.92  # between pi/4 (circle) and 1 (square)
 MIN_SPEED = 0.1  # px/frame; the world's objects move 0.45..0.85
@@ -87,8 +89,11 @@ def hue(rgb) -> float:
     return 60.0 * h % 360.0
 
 
-def nearest_colour(rgb) -> str:
-    """The palette colour whose hue is nearest (around the circle) to that of `rgb`."""
+def nearest_colour(rgb) -> str | None:
+    """The palette colour whose hue is nearest (around the circle) to that of `rgb`; None for a colour without hue
+    (its largest and smallest channels less than MIN_CHROMA apart: grey, white, black)."""
+    if max(rgb) - min(rgb) < MIN_CHROMA:
+        return None
     h = hue(rgb)
     return min(COLOURS, key=lambda name: abs((hue(COLOURS[name]) - h + 180) % 360 - 180))
 
@@ -145,7 +150,7 @@ def shape_measures(coverage: np.ndarray) -> tuple[float, float]:
     profile, y = coverage.sum(axis=1), np.arange(coverage.shape[0])
     mean = (profile * y).sum() / area
     var = (profile * (y - mean) ** 2).sum() / area
-    return float(fill), float((profile * (y - mean) ** 3).sum() / area / var ** 1.5)
+    return float(fill), float((profile * (y - mean) ** 3).sum() / area / var ** 1.5) if var > 0 else 0.0
 
 
 def classify_shape(fill: float, skew: float) -> str:
