@@ -1,6 +1,7 @@
-"""Writing videos: RGB frames to an H.264 MP4 (PyAV, libx264), for the sampler and the data stages."""
+"""Videos: RGB frames to an H.264 MP4 (PyAV, libx264), for the sampler and the data stages, and back."""
 
 import av
+import numpy as np
 
 BT709 = 1  # AVCOL_SPC_BT709 = AVCOL_PRI_BT709 = AVCOL_TRC_BT709
 LIMITED = 1  # AVCOL_RANGE_MPEG
@@ -29,3 +30,15 @@ def encode_h264(path, frames, fps: int, crf: int, preset: str, threads: int = 0)
         if stream is not None:
             out.mux(stream.encode())
     return n
+
+
+def read_rgb(path) -> np.ndarray:
+    """Every frame of the first video stream as RGB uint8 [T, H, W, 3], converted by the stream's own colour matrix
+    and range (as stored: no rotation or sample-aspect stretch; data_tools.media reads arbitrary videos as shown).
+    A ValueError names a file with no decodable frames."""
+    with av.open(str(path)) as container:
+        frames = [f.reformat(format="rgb24", src_color_range=f.color_range or None).to_ndarray()
+                  for f in container.decode(video=0)]
+    if not frames:
+        raise ValueError(f"{path}: no decodable video frames")
+    return np.stack(frames)

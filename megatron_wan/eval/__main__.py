@@ -5,6 +5,7 @@
   gsb     GSB scores from Good/Same/Bad annotation files
   vbench  run VBench (custom input) on folders of videos, or parse its results, and rank them
   curves  PNG curves of training metric logs and of per-checkpoint Total_Score
+  world   score the procedural world's videos from their pixels (colour, shape, motion, consistency, artifacts)
 """
 
 import argparse
@@ -17,6 +18,7 @@ COMMANDS = {  # CLI name -> module in megatron_wan.eval with add_arguments(parse
     "gsb": "gsb",
     "vbench": "vbench",
     "curves": "curves",
+    "world": "world",
 }
 
 
