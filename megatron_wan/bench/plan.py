@@ -51,8 +51,8 @@ class Gpu:
 
 
 GPUS = {
-    "h100": Gpu("H100 80GB", 81559 * 2**20, DEVICE_PEAKS["H100"][0]),
-    "h200": Gpu("H200 141GB", 143771 * 2**20, DEVICE_PEAKS["H200"][0]),
+    "h100": Gpu("H100 SXM 80GB", 81559 * 2**20, DEVICE_PEAKS["H100 SXM"][0]),
+    "h200": Gpu("H200 SXM 141GB", 143771 * 2**20, DEVICE_PEAKS["H200 SXM"][0]),
 }
 
 # Frozen encoders when not pre-encoded (--encoders gpu): bf16 weights resident on every GPU.

@@ -1,0 +1,92 @@
+"""GPU readiness, round 2: the decisions of the CUDA paths added with FSDP2, DCP, compile and Wan 2.2, on CPU.
+
+Each test reproduces one defect found by reading the libraries' sources (torch, DeepSpeed, Transformer Engine) against
+ours; where a library is absent here the decision is a plain function, tested with the values it would see.
+"""
+
+import pytest
+import torch
+from test_hardening import _cp_input_grads
+from wan_reference import inputs, perturbed_reference, rel_err
+
+from megatron_wan import throughput
+from megatron_wan.bench import gpu_check
+from megatron_wan.model import preset
+from megatron_wan.parallel import context_parallel as cp
+from megatron_wan.parallel.context_parallel import FrameShard
+from megatron_wan.parallel.local import run_local
+
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
+# -- 1. gpu_check's CP steps: one rank's input gradient, every rank agreeing ------------------------------------
+
+def test_gpu_check_takes_one_ranks_input_gradient_of_a_cp_run():
+    cfg = preset("tiny")
+    ref = perturbed_reference(cfg)
+    x, t, text, _ = inputs(cfg, (3, 2, 2), timesteps=(30.0, 700.0), text_len=9)
+    x, text = x.requires_grad_(), text.requires_grad_()
+    out = ref(x, t, text, return_dict=False)[0]
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    ((out * weight).sum() + (x ** 2).sum() + text.sum()).backward()
+    ranks = run_local(_cp_input_grads, 2, ref.state_dict(), 2, env={"OMP_NUM_THREADS": "1"})  # gloo, CP=2
+    dx, spread = gpu_check.input_grad([r[0] for r in ranks])
+    assert rel_err(dx, x.grad) < 1e-5 and spread == 0.0
+    # a rank whose gradient differs is reported by how much
+    assert gpu_check.input_grad([ranks[0][0], 2 * ranks[1][0]])[1] == pytest.approx(1.0)
+
+
+# -- gpu_check: every step that reads the baseline waits for it; cp2:te's auto row goes through the fallback -----
+
+def test_gpu_check_steps_reading_the_baseline_need_it():
+    import inspect
+
+    steps = {s.name: s for s in gpu_check.STEPS}
+    reading = [name for name, run in gpu_check.RUNNERS.items() if 'ctx["baseline"]' in inspect.getsource(run)]
+    assert "compile" in reading and "cp2:ring" in reading
+    for name in reading:
+        assert gpu_check.skip_reason(steps[name], 8, {"transformer_engine", "flash_attn"}, baseline=False) == \
+            "needs the baseline step's errors (it failed or was not run)", name
+    assert gpu_check.skip_reason(steps["compile"], 1, set(), baseline=True) is None
+    assert gpu_check.skip_reason(steps["environment"], 1, set(), baseline=False) is None
+
+
+def test_gpu_check_cp_te_rows_take_the_paths_they_name():
+    """cp2:te's cases, through the decisions the model makes: built for TE's CP, then per call."""
+    taken = {}
+    for label, cp_comm, frames, verified, built in gpu_check.CP_TE_CASES:
+        assert cp.resolve_cp_comm(cp_comm, "te", verified) == built, label
+        shard = FrameShard((frames, *gpu_check.GRIDS["t2v"][1:]), 1, size=2)
+        head_dim = gpu_check.check_config("t2v").head_dim
+        try:
+            taken[label] = cp.cp_comm_for_call(built, cp_comm, shard, head_dim, BF16)
+        except ValueError as e:
+            taken[label] = "refused" if "token frames do not split evenly" in str(e) else str(e)
+    assert taken == {"te": "te", "te refuses": "refused", "auto->ring": "ring"}
+
+
+# -- peaks by the device's product name ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device, product, bf16, fp32", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.4e12, 66.9e12),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756.5e12, 51.2e12),
+    ("NVIDIA H100 NVL", "H100 NVL", 835.5e12, 60e12),
+    ("NVIDIA H200", "H200 SXM", 989.4e12, 66.9e12),
+    ("NVIDIA H200 NVL", "H200 NVL", 835.5e12, 60e12),
+    ("NVIDIA H800 PCIe", "H800 PCIe", 756.5e12, 51.2e12),
+    ("NVIDIA GH200 480GB", "GH200", 989.4e12, 66.9e12),
+    ("NVIDIA A100-PCIE-40GB", "A100", 312e12, 19.5e12),
+    ("NVIDIA A100-SXM4-80GB", "A100", 312e12, 19.5e12),
+])
+def test_peak_is_the_products(device, product, bf16, fp32):
+    assert throughput.product_name(device) == product
+    peak, source = throughput.table_peak(device, BF16, tf32=False)
+    assert peak == bf16 and product in source
+    assert throughput.table_peak(device, FP32, tf32=False)[0] == fp32
+
+
+def test_no_peak_for_a_gpu_not_in_the_table():
+    for device in ("NVIDIA H20", "NVIDIA GeForce RTX 4090"):  # H20: not an H200
+        assert throughput.product_name(device) is None
+        peak, source = throughput.table_peak(device, BF16, tf32=False)
+        assert peak != peak and "no table value" in source
