@@ -90,3 +90,55 @@ def test_no_peak_for_a_gpu_not_in_the_table():
         assert throughput.product_name(device) is None
         peak, source = throughput.table_peak(device, BF16, tf32=False)
         assert peak != peak and "no table value" in source
+
+
+# -- 4. a resume after changing the layer provider: no `_extra_state` in the DCP checkpoint ----------------------
+
+class _TELikeLinear(torch.nn.Linear):
+    """A linear with Transformer Engine's extra state without FP8 (module/base.py: get_extra_state returns an empty
+    uint8 tensor, set_extra_state ignores one)."""
+
+    def get_extra_state(self):
+        return torch.empty(0, dtype=torch.uint8)
+
+    def set_extra_state(self, state):
+        pass
+
+
+def _resume_with_te_like_modules(out):
+    """Train a step with plain linears, save; resume with a model whose first linear carries TE's extra state (and
+    the other way round); the weights loaded, and whether `_extra_state` reached the checkpoint."""
+    from test_hardening import _TwoBlocks
+
+    from megatron_wan import parallel
+    from megatron_wan.config import load_config
+    from megatron_wan.engines import build_engine
+
+    parallel.initialize()
+    cfg = load_config(None, ["run.engine=megatron", "run.dtype=fp32", "run.finetune=full", "lora=null",
+                             "objective.reference=copy", "optim.lr=0.1"])
+
+    def engine(te_like: bool):
+        torch.manual_seed(0)
+        model = _TwoBlocks()
+        if te_like:
+            model.blocks[0] = _TELikeLinear(8, 8)
+        return build_engine(cfg, model)
+
+    results = []
+    for saved_with, resumed_with in ((False, True), (True, False)):
+        first = engine(saved_with)
+        first.backward(first.model(torch.ones(2, 8)).pow(2).mean())
+        first.step(0.1)
+        first.save(f"{out}/{saved_with}")
+        trained = {k: v.full_tensor().clone() for k, v in first.model.state_dict().items() if "weight" in k}
+        second = engine(resumed_with)
+        second.load(f"{out}/{saved_with}")
+        loaded = {k: v.full_tensor() for k, v in second.model.state_dict().items() if "weight" in k}
+        results.append(all(torch.equal(trained[k], loaded[k]) for k in trained))
+    return results, [k for k in first._state()["tp00"]["model"] if k.endswith("_extra_state")]
+
+
+def test_resume_after_changing_to_te_modules(tmp_path):
+    (loaded, extra), = run_local(_resume_with_te_like_modules, 1, str(tmp_path), env={"OMP_NUM_THREADS": "1"})
+    assert loaded == [True, True] and extra == []

@@ -38,6 +38,14 @@ def tp_key(tp_rank: int) -> str:
     return f"tp{tp_rank:02d}"
 
 
+def weights_only(state: dict) -> dict:
+    """A model state dict without modules' `_extra_state`: Transformer Engine's (its FP8 metadata, an empty tensor
+    without FP8, which this project does not run) and megatron-core's linears' (None). DCP requires every key a
+    load asks for, so keeping them would make a resume after changing model.layer_provider or attention_backend
+    (or `auto` turning to TE) fail on the other provider's keys."""
+    return {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+
+
 def _full_norm(grads) -> torch.Tensor:
     """The 2-norm of `grads` (DTensors or tensors) over all their shards, as a plain fp32 tensor."""
     if not grads:
@@ -105,7 +113,7 @@ class MegatronEngine:
 
     def _state(self) -> dict:
         return {tp_key(ps.get_tensor_model_parallel_rank()): {
-            "model": get_model_state_dict(self.model, options=_OPTIONS),
+            "model": weights_only(get_model_state_dict(self.model, options=_OPTIONS)),
             "optim": get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIONS)}}
 
     def save(self, directory) -> None:
