@@ -23,7 +23,7 @@ import yaml
 from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
-from megatron_wan import checkpointing, parallel, preemption, train_samples
+from megatron_wan import checkpointing, parallel, preemption, torch_version_problem, train_samples
 from megatron_wan.compile import compile_blocks, compile_stats, watch_recompiles
 from megatron_wan.config import (
     Config,
@@ -393,6 +393,9 @@ def _world_size() -> int:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    problem = torch_version_problem(torch.__version__)
+    if problem:
+        sys.exit(f"megatron_wan.train: {problem}")
     preemption.install()  # a stop signal while the model loads is a request to stop, not the end of the process
     try:
         cfg = load_config(args.config, args.overrides)

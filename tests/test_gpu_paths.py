@@ -142,3 +142,26 @@ def _resume_with_te_like_modules(out):
 def test_resume_after_changing_to_te_modules(tmp_path):
     (loaded, extra), = run_local(_resume_with_te_like_modules, 1, str(tmp_path), env={"OMP_NUM_THREADS": "1"})
     assert loaded == [True, True] and extra == []
+
+
+# -- 6. the real minimum torch, checked at start-up ------------------------------------------------------------
+
+def test_torch_version_check_names_the_minimum():
+    from megatron_wan import MIN_TORCH, torch_version_problem
+
+    assert MIN_TORCH == "2.7"  # torch._dynamo.config.recompile_limit: torch 2.6 has only cache_size_limit
+    problem = torch_version_problem("2.6.0+cu124")
+    assert "torch >= 2.7" in problem and "2.6.0+cu124" in problem and "recompile_limit" in problem
+    assert torch_version_problem("2.4.1") is not None and torch_version_problem("1.13.1") is not None
+    for ok in ("2.7.0", "2.7.0a0+7c8ec84dab.nv25.03", "2.10.1", "2.13.0+cpu", "3.0.0"):  # 2.10 > 2.7: not as text
+        assert torch_version_problem(ok) is None, ok
+    assert torch_version_problem(torch.__version__) is None
+
+
+def test_train_refuses_an_old_torch_at_start_up(monkeypatch):
+    from megatron_wan import train
+
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--config", "does-not-exist.yaml"])
+    assert "needs torch >= 2.7" in str(stop.value) and "2.6.0+cu124" in str(stop.value)
