@@ -165,3 +165,68 @@ def test_train_refuses_an_old_torch_at_start_up(monkeypatch):
     with pytest.raises(SystemExit) as stop:
         train.main(["--config", "does-not-exist.yaml"])
     assert "needs torch >= 2.7" in str(stop.value) and "2.6.0+cu124" in str(stop.value)
+
+
+# -- 7, 8. DeepSpeed: gradients reduced in fp32; a non-finite step skipped by DeepSpeed's own check -----------------
+
+def _deepspeed_poisoned_step(tmp):
+    """The generated config (ZeRO-3, parameters and optimizer offloaded, bf16) on 2 ranks: three steps, the second
+    with an infinite gradient on rank 1 only. (the reduction dtype DeepSpeed's optimizer uses, stepped flags,
+    DeepSpeed's count of steps it skipped, weights unchanged by the poisoned step, the next step trained)."""
+    import torch.distributed as dist
+    from test_hardening import _full_weights, _TwoBlocks
+
+    from megatron_wan import parallel
+    from megatron_wan.config import load_config
+    from megatron_wan.engines import build_engine
+
+    parallel.initialize()
+    cfg = load_config(None, ["run.engine=deepspeed", "run.dtype=bf16", "optim.lr=0.1", "run.finetune=full",
+                             "lora=null", "objective.reference=copy"])
+    torch.manual_seed(0)
+    engine = build_engine(cfg, _TwoBlocks())
+    stepped, weights = [], []
+    for poison in (False, True, False):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(len(stepped) + 10 * dist.get_rank()))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = engine.model(x)
+        if poison and dist.get_rank() == 1:
+            out.register_hook(lambda g: g * float("inf"))
+        engine.backward(out.float().pow(2).mean())
+        stepped.append(engine.step(0.1)[1])
+        weights.append(_full_weights(engine))
+    return (str(engine.optimizer.communication_data_type), stepped, engine.model.skipped_steps,
+            torch.equal(weights[0], weights[1]), not torch.equal(weights[1], weights[2]))
+
+
+@pytest.fixture(scope="module")
+def deepspeed_poisoned(tmp_path_factory):
+    return run_local(_deepspeed_poisoned_step, 2, str(tmp_path_factory.mktemp("ds")),
+                     env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+
+
+def test_deepspeed_reduces_gradients_in_fp32(deepspeed_poisoned):
+    from deepspeed.runtime.config import get_communication_data_type
+
+    from megatron_wan.config import load_config
+    from megatron_wan.engines.deepspeed import deepspeed_config
+
+    generated = deepspeed_config(load_config(None, ["run.engine=deepspeed", "run.dtype=bf16"]))
+    assert get_communication_data_type(generated) == torch.float32  # as DeepSpeed reads the config
+    assert all(comm == "torch.float32" for comm, *_ in deepspeed_poisoned)  # what its ZeRO-3 optimizer uses
+
+
+def test_deepspeed_skips_a_non_finite_step_itself_under_zero3(deepspeed_poisoned):
+    for _, stepped, skipped_by_deepspeed, unchanged, moved_on in deepspeed_poisoned:
+        assert stepped == [True, False, True] and unchanged and moved_on
+        assert skipped_by_deepspeed == 1  # its own check skipped it: the engine read no gradient partition
+
+
+def test_which_deepspeed_setups_check_gradients_themselves():
+    from megatron_wan.engines.deepspeed import deepspeed_checks_gradients
+
+    zero3 = {"zero_optimization": {"stage": 3}}
+    assert deepspeed_checks_gradients(zero3, "0.19.8") and deepspeed_checks_gradients(zero3, "0.20.1+cu128")
+    assert not deepspeed_checks_gradients(zero3, "0.19.5")  # its ZeRO-3 step checks only fp16 loss scaling
+    assert not deepspeed_checks_gradients({"zero_optimization": {"stage": 2}}, "0.19.8")
+    assert not deepspeed_checks_gradients({}, "0.19.8")
