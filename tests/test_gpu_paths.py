@@ -230,3 +230,17 @@ def test_which_deepspeed_setups_check_gradients_themselves():
     assert not deepspeed_checks_gradients(zero3, "0.19.5")  # its ZeRO-3 step checks only fp16 loss scaling
     assert not deepspeed_checks_gradients({"zero_optimization": {"stage": 2}}, "0.19.8")
     assert not deepspeed_checks_gradients({}, "0.19.8")
+
+
+# -- 10. ring attention on CUDA: torch's flash kernel where kernel_for_call allows a flash kernel ------------------
+
+def test_ring_attention_kernel_follows_the_flash_rule():
+    assert cp.ring_kernel(BF16, "cuda", 128) == "flash"  # Wan's head dim, bf16 under autocast: the recipes' case
+    assert cp.ring_kernel(torch.float16, "cuda", 64) == "flash"
+    assert cp.ring_kernel(FP32, "cuda", 128) == "efficient"  # the flash kernel takes fp16/bf16 only
+    assert cp.ring_kernel(BF16, "cuda", 320) == "efficient"  # head dims above 256
+    assert cp.ring_kernel(BF16, "cuda", 100) == "efficient"  # nor ones that are not a multiple of 8
+    assert cp.ring_kernel(BF16, "cpu", 128) == "cpu"
+    for dtype, head_dim in ((BF16, 128), (FP32, 128), (BF16, 320), (BF16, 100)):  # one rule for both
+        flash = cp.kernel_for_call("flash", dtype, "cuda", head_dim) == "flash"
+        assert (cp.ring_kernel(dtype, "cuda", head_dim) == "flash") == flash
