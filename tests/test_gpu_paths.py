@@ -244,3 +244,30 @@ def test_ring_attention_kernel_follows_the_flash_rule():
     for dtype, head_dim in ((BF16, 128), (FP32, 128), (BF16, 320), (BF16, 100)):  # one rule for both
         flash = cp.kernel_for_call("flash", dtype, "cuda", head_dim) == "flash"
         assert (cp.ring_kernel(dtype, "cuda", head_dim) == "flash") == flash
+
+
+# -- compile: the 40 blocks of a 14B model share one compiled graph -----------------------------------------------
+
+def _graphs_of_a_deep_model(layers):
+    """Dynamo's graphs and recompiles for one no-grad forward of a `layers`-block tiny model compiled block by block
+    (a fresh process: the counters and caches are this one's)."""
+    from megatron_wan import parallel
+    from megatron_wan.compile import compile_blocks, compile_stats
+    from megatron_wan.model import WanModel
+
+    parallel.initialize()
+    cfg = preset("tiny", num_layers=layers)
+    torch.manual_seed(0)
+    model = compile_blocks(WanModel(cfg), "default")
+    x, t, text, _ = inputs(cfg, (2, 2, 2))
+    with torch.no_grad():
+        model(x, t, text)
+    stats = compile_stats()
+    return stats["graphs"], stats["recompiles"]
+
+
+def test_forty_blocks_share_one_compiled_graph():
+    """Wan 2.1/2.2-14B has 40 blocks; dynamo's recompile limit is 8 per code object. The blocks' forward is one code
+    object whose parameters are graph inputs, so depth adds no graph."""
+    graphs, recompiles = run_local(_graphs_of_a_deep_model, 1, 40, env={"OMP_NUM_THREADS": "1"})[0]
+    assert (graphs, recompiles) == (1, 0)
