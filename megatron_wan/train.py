@@ -39,6 +39,7 @@ from megatron_wan.data.loader import PairLoader, micro_batches, to_pair_batch
 from megatron_wan.data.samplers import BucketBatchSampler
 from megatron_wan.data.shards import CorruptSample
 from megatron_wan.engines import build_engine
+from megatron_wan.memory import check_start_up
 from megatron_wan.models import spec_for_preset
 from megatron_wan.models.wan21.lora import apply_lora
 from megatron_wan.objectives.experts import build_expert_model, flow_for
@@ -107,6 +108,9 @@ class Trainer:
         if resume_from:
             self._check_resume(resume_from)
 
+        if self.device.type == "cuda":  # before loading: a start-up that cannot fit is refused by name
+            props = torch.cuda.get_device_properties(self.device)
+            check_start_up(cfg, props.total_memory, props.name)
         model = (build_expert_model(cfg) if cfg.model.expert else build_model(cfg)).to(self.device)
         if run.finetune == "lora":
             torch.manual_seed(run.seed)  # the same adapters on every rank and in every parallel layout
