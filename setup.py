@@ -1,6 +1,11 @@
 """megatron_wan: Reg-DPO training of Wan 2.1 video diffusion models on Megatron-Core."""
 
+import re
+
 from setuptools import find_packages, setup
+
+# the oldest torch with every API the code uses (megatron_wan/__init__.py says which)
+MIN_TORCH = re.search(r'^MIN_TORCH = "([0-9.]+)"', open("megatron_wan/__init__.py", encoding="utf-8").read(), re.M)[1]
 
 setup(
     name="megatron_wan",
@@ -12,7 +17,7 @@ setup(
     packages=find_packages(include=["megatron_wan*", "data_tools*", "launch*"]),
     include_package_data=True,
     install_requires=[
-        "torch>=2.4",
+        f"torch>={MIN_TORCH}",
         # megatron-core 0.17+ needs Python 3.12; on 3.11 the newest is 0.16.x.
         "megatron-core>=0.16.1,<0.17; python_version<'3.12'",
         "megatron-core>=0.16.1; python_version>='3.12'",

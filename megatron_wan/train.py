@@ -23,7 +23,7 @@ import yaml
 from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
-from megatron_wan import checkpointing, parallel, preemption, train_samples
+from megatron_wan import checkpointing, parallel, preemption, torch_version_problem, train_samples
 from megatron_wan.compile import compile_blocks, compile_stats, watch_recompiles
 from megatron_wan.config import (
     Config,
@@ -39,8 +39,10 @@ from megatron_wan.data.loader import PairLoader, micro_batches, to_pair_batch
 from megatron_wan.data.samplers import BucketBatchSampler
 from megatron_wan.data.shards import CorruptSample
 from megatron_wan.engines import build_engine
+from megatron_wan.memory import check_start_up
 from megatron_wan.models import spec_for_preset
 from megatron_wan.models.wan21.lora import apply_lora
+from megatron_wan.models.wan21.precision import cast_parameters
 from megatron_wan.objectives.experts import build_expert_model, flow_for
 from megatron_wan.objectives.flow_matching import FlowMatching
 from megatron_wan.objectives.pair_step import PairBatch, PairObjective
@@ -107,14 +109,15 @@ class Trainer:
         if resume_from:
             self._check_resume(resume_from)
 
+        if self.device.type == "cuda":  # before loading: a start-up that cannot fit is refused by name
+            props = torch.cuda.get_device_properties(self.device)
+            check_start_up(cfg, props.total_memory, props.name)
         model = (build_expert_model(cfg) if cfg.model.expert else build_model(cfg)).to(self.device)
         if run.finetune == "lora":
             torch.manual_seed(run.seed)  # the same adapters on every rank and in every parallel layout
             apply_lora(model, cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
-            if self.autocast:  # frozen base weights in bf16, trainable adapters in fp32
-                for p in model.parameters():
-                    if not p.requires_grad:
-                        p.data = p.data.to(torch.bfloat16)
+            if self.autocast:  # frozen base weights in bf16 (but what diffusers keeps in fp32), adapters in fp32
+                cast_parameters(model, torch.bfloat16, [p for p in model.parameters() if not p.requires_grad])
         self.reference = make_reference(cfg.objective.reference, model) if cfg.objective.mode != "sft" else None
         frozen_copy = self.reference.model if cfg.objective.reference == "copy" and self.reference else None
         if cfg.model.compile:  # after LoRA (and the reference copy), before FSDP2 shards the blocks
@@ -393,6 +396,9 @@ def _world_size() -> int:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    problem = torch_version_problem(torch.__version__)
+    if problem:
+        sys.exit(f"megatron_wan.train: {problem}")
     preemption.install()  # a stop signal while the model loads is a request to stop, not the end of the process
     try:
         cfg = load_config(args.config, args.overrides)

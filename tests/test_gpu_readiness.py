@@ -171,12 +171,12 @@ def test_te_attention_for_ulysses_is_built_for_heads_over_cp(monkeypatch):
 # -- 4. backends by dtype and device; auto only from what passed gpu_check ---------------------------------------
 
 def test_kernel_per_call_follows_dtype_and_device():
-    assert attention.kernel_for_call("flash", BF16, "cuda") == "flash"
-    assert attention.kernel_for_call("te", torch.float16, "cuda") == "te"
-    assert attention.kernel_for_call("flash", FP32, "cuda") == "sdpa"  # flash-attn raises on fp32
-    assert attention.kernel_for_call("te", FP32, "cuda") == "sdpa"  # TE would hold the whole score matrix
-    assert attention.kernel_for_call("te", BF16, "cpu") == "sdpa"
-    assert attention.kernel_for_call("sdpa", FP32, "cuda") == "sdpa"
+    assert attention.kernel_for_call("flash", BF16, "cuda", 128) == "flash"
+    assert attention.kernel_for_call("te", torch.float16, "cuda", 128) == "te"
+    assert attention.kernel_for_call("flash", FP32, "cuda", 128) == "sdpa"  # flash-attn raises on fp32
+    assert attention.kernel_for_call("te", FP32, "cuda", 128) == "sdpa"  # TE would hold the whole score matrix
+    assert attention.kernel_for_call("te", BF16, "cpu", 128) == "sdpa"
+    assert attention.kernel_for_call("sdpa", FP32, "cuda", 128) == "sdpa"
 
 
 def test_auto_picks_only_gpu_verified_backends(monkeypatch):

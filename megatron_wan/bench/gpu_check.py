@@ -26,6 +26,7 @@ import torch
 
 FACTOR = 2.0  # ours may differ from fp32 diffusers by at most this times bf16 diffusers' own error
 MATMUL = 8192  # side of the bf16 matmul timed against the table peak
+NEEDS_BASELINE = ("parity", "compile", "cp2", "tp2")  # steps whose limits come from ctx["baseline"]
 NO_CUDA = "gpu_check: no CUDA device here, nothing to check (run it on a GPU machine: make gpu-check)"
 
 
@@ -75,12 +76,17 @@ def within(error: float, baseline: float, factor: float = FACTOR) -> bool:
     return math.isfinite(error) and error <= factor * baseline
 
 
-def skip_reason(step: Step, gpus: int, present) -> str | None:
-    """Why `step` does not run on a machine with `gpus` GPUs and the modules `present` (None: it runs)."""
+def skip_reason(step: Step, gpus: int, present, baseline: bool = True) -> str | None:
+    """Why `step` does not run on a machine with `gpus` GPUs and the modules `present`, `baseline` telling whether
+    the baseline step's errors are there (None: it runs)."""
     if step.gpus > gpus:
         return f"needs {step.gpus} GPUs, {gpus} present"
     missing = [m for m in (step.package or "").split("+") if m and m not in present]
-    return f"{' and '.join(missing)} not installed" if missing else None
+    if missing:
+        return f"{' and '.join(missing)} not installed"
+    if not baseline and step.name.startswith(NEEDS_BASELINE):
+        return "needs the baseline step's errors (it failed or was not run)"
+    return None
 
 
 def list_steps() -> str:
@@ -231,22 +237,40 @@ def step_compile(ctx):
     return rows
 
 
-def _parallel_worker(tp, cp, cp_comm, backend, provider, task, frames, state):
-    """One rank of a TP x CP run (NCCL): output, input-gradient share and gradients, on the CPU."""
+def input_grad(per_rank: list) -> tuple[torch.Tensor, float]:
+    """(the input gradient, the largest relative difference of any rank's from it) of a TP x CP run of the public
+    forward: every rank holds the whole input gradient (CP's scatter all-gathers it, TP's copy all-reduces it), so
+    rank 0's is the gradient and the others must agree with it."""
+    from megatron_wan.bench.parity import rel_err
+
+    first = per_rank[0]
+    return first, max((rel_err(g, first) for g in per_rank[1:]), default=0.0)
+
+
+def _parallel_worker(tp, cp, cp_comm, backend, provider, task, frames, state, verified_cp=()):
+    """One rank of a TP x CP run (NCCL): output, input gradient and gradients, on the CPU, and the CP exchange the
+    model was built for. `verified_cp` stands for VERIFIED_ON_GPU's cp_comm in this process (what `auto` may
+    build)."""
     from megatron_wan import parallel
     from megatron_wan.bench.parity import inputs
     from megatron_wan.models.wan21 import WanModel
+    from megatron_wan.models.wan21.attention import VERIFIED_ON_GPU
 
+    VERIFIED_ON_GPU["cp_comm"] = tuple(verified_cp)
     parallel.initialize(tp, cp)
     cfg = check_config(task)
     model = WanModel.from_diffusers(state, num_heads=cfg.num_heads, attention_backend=backend,
                                     layer_provider=provider, cp_comm=cp_comm).cuda()
     grid = (frames, *GRIDS[task][1:])
     out, dx, grads = forward_backward(model, inputs(cfg, grid, timesteps=(20.0, 800.0)), False, True)
-    return out, dx, grads
+    built = sorted({m.cp_comm for m in model.modules() if getattr(m, "cp_comm", None)})
+    return out, dx, grads, ",".join(built)
 
 
-def _compare_parallel(tp, cp, cp_comm, backend="sdpa", provider="local", frames=(5, 4)):
+def _compare_parallel(tp, cp, cp_comm, backend="sdpa", provider="local", frames=(5, 4), verified_cp=(),
+                      expect_built=None):
+    """A TP x CP run against one process, per frame count; `expect_built`: the cp_comm the model must be built for
+    (checked when given)."""
     def run(ctx):
         from megatron_wan.bench.parity import rel_err
         from megatron_wan.models.wan21.adapter import merge_tp
@@ -257,11 +281,11 @@ def _compare_parallel(tp, cp, cp_comm, backend="sdpa", provider="local", frames=
             cfg, ref, _ = _reference(task)
             state = {k: v.cpu() for k, v in ref.state_dict().items()}
             for f in frames:
-                args = (cp_comm, backend, provider, task, f, state)
+                args = (cp_comm, backend, provider, task, f, state, verified_cp)
                 one = run_local(_parallel_worker, 1, 1, 1, *args)[0]
                 ranks = run_local(_parallel_worker, tp * cp, tp, cp, *args)
                 out = ranks[0][0]
-                dx = sum(r[1] for r in ranks) if cp > 1 else ranks[0][1]  # CP ranks hold shares of it
+                dx, spread = input_grad([r[1] for r in ranks])
                 if tp > 1:
                     grads = merge_tp([r[2] for r in ranks], cfg)
                 else:
@@ -273,20 +297,40 @@ def _compare_parallel(tp, cp, cp_comm, backend="sdpa", provider="local", frames=
                                    ("input_grad", rel_err(dx, one[1]), base["input_grad"]),
                                    ("param_grad", worst, base["param_grad"])):
                     rows.append(_row(f"{label} {name}", v, FACTOR * b, within(v, b)))
+                rows.append(_row(f"{label} input_grad ranks agree", spread, FACTOR * base["input_grad"],
+                                 within(spread, base["input_grad"]), "largest difference from rank 0's"))
+                if cp > 1:
+                    built = ranks[0][3]
+                    rows.append(_row(f"{label} built for", built, expect_built, expect_built in (None, built)))
         return rows
     return run
 
 
+CP_TE_CASES = (  # (row, cp_comm, token frames, VERIFIED_ON_GPU["cp_comm"] in the workers, the build expected)
+    ("te", "te", 4, (), "te"),
+    ("te refuses", "te", 5, (), "te"),
+    # auto is built for TE's CP only once te is verified; then each call on a video TE cannot take runs ring
+    ("auto->ring", "auto", 5, ("te",), "te"),
+)
+
+
 def step_cp_te(ctx):
-    """TE's CP on an unpadded video; on a padded one, explicit te must refuse by name and auto must run (ring)."""
-    rows = _compare_parallel(1, 2, "te", backend="te", frames=(4,))(ctx)
-    try:
-        _compare_parallel(1, 2, "te", backend="te", frames=(5,))(ctx)
-        rows.append(_row("5 token frames, cp_comm=te", "ran", ok=False, note="expected a refusal naming the frames"))
-    except RuntimeError as e:
-        refused = "token frames do not split evenly" in str(e)
-        rows.append(_row("5 token frames, cp_comm=te", "refused" if refused else "failed", ok=refused))
-    rows += _compare_parallel(1, 2, "auto", backend="te", frames=(5,))(ctx)
+    """TE's CP on an unpadded video; on a padded one, explicit te must refuse by name and auto (built for TE's CP)
+    must run ring for that call."""
+    rows = []
+    for label, cp_comm, frames, verified, built in CP_TE_CASES:
+        compare = _compare_parallel(1, 2, cp_comm, backend="te", frames=(frames,), verified_cp=verified,
+                                    expect_built=built)
+        if label != "te refuses":
+            rows += [{**r, "check": f"{label}: {r['check']}"} for r in compare(ctx)]
+            continue
+        try:
+            compare(ctx)
+            rows.append(_row(f"{frames} token frames, cp_comm=te", "ran", ok=False,
+                             note="expected a refusal naming the frames"))
+        except RuntimeError as e:  # the workers' error, re-raised by run_local
+            refused = "token frames do not split evenly" in str(e)
+            rows.append(_row(f"{frames} token frames, cp_comm=te", "refused" if refused else "failed", ok=refused))
     return rows
 
 
@@ -368,7 +412,7 @@ def step_train(engine):
 
 
 def step_sampler(ctx):
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     from megatron_wan import parallel
     from megatron_wan.bench.parity import rel_err
@@ -383,8 +427,9 @@ def step_sampler(ctx):
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     pipe.set_progress_bar_config(disable=True)
 
-    def pipeline_latents(dtype):
-        pipe.transformer.to(dtype)
+    def pipeline_latents(dtype):  # loaded in `dtype` as diffusers does it (what it keeps in fp32 stays), not cast
+        pipe.transformer = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer",
+                                                                 torch_dtype=dtype).to("cuda")
         last = {}
 
         def keep(pipe, i, t, tensors):
@@ -494,18 +539,13 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-NEEDS_BASELINE = ("parity", "cp2", "tp2")
-
-
 def run_steps(out: Path, only=None) -> list[dict]:
     ctx, results = {"out": str(out)}, []
     gpus, present = torch.cuda.device_count(), _present()
     for step in STEPS:
         if only and step.name not in only:
             continue
-        reason = skip_reason(step, gpus, present)
-        if reason is None and step.name.startswith(NEEDS_BASELINE) and "baseline" not in ctx:
-            reason = "needs the baseline step's errors (it failed or was not run)"
+        reason = skip_reason(step, gpus, present, "baseline" in ctx)
         if reason:
             results.append({"step": step.name, "status": "skip", "reason": reason, "rows": []})
             continue

@@ -2,16 +2,19 @@
 objectives under ZeRO-3, parameters and optimizer states offloaded to CPU (configurable). Its JSON config is
 generated from ours, or taken as is from `deepspeed.config`.
 
-DeepSpeed averages gradients over all ranks; under context parallelism the engine scales the loss by CP, as
-the Megatron engine does (see megatron_wan.engines). Before DeepSpeed steps, the engine checks every rank's
-gradients (ZeRO-3: its partitions) and skips a non-finite step itself, as the Megatron engine does: DeepSpeed's
-own check covers fp16 loss scaling, and depending on release and ZeRO stage a bf16 / fp32 step can be applied
-(without ZeRO in fp32 it is). Gradient norms come from DeepSpeed after its step (or, where it keeps none, from
-the full gradients).
+DeepSpeed averages gradients over all ranks, in fp32 as the Megatron engine reduces them
+(`communication_data_type`; DeepSpeed's default is the bf16 of the parameters); under context parallelism the
+engine scales the loss by CP, as the Megatron engine does (see megatron_wan.engines). A step whose gradients are not
+finite is skipped on every rank, as the Megatron engine does: by DeepSpeed itself where its step does so in every
+dtype (`deepspeed_checks_gradients`: ZeRO-3), so the engine reads no gradient (under optimizer offload they are
+CPU partitions, each a copy to the GPU to look at); elsewhere the engine checks every rank's gradients before
+DeepSpeed steps (DeepSpeed's own check may cover only fp16 loss scaling there; without ZeRO in fp32 it applies the
+step). Gradient norms come from DeepSpeed after its step (or, where it keeps none, from the full gradients).
 """
 
 import json
 import math
+import re
 
 import torch
 import torch.distributed as dist
@@ -38,9 +41,20 @@ def deepspeed_config(cfg) -> dict:
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # the same torch AdamW as the Megatron engine
         "bf16": {"enabled": cfg.run.dtype == "bf16"},
+        "communication_data_type": "fp32",  # gradients reduced in fp32, as the Megatron engine's FSDP2 does
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def deepspeed_checks_gradients(config: dict, version: str) -> bool:
+    """Whether DeepSpeed `version`'s own step skips a step whose gradients are not finite, in every dtype, under
+    `config`: ZeRO-3 from 0.19.8, the release read (runtime/zero/stage3.py, `step`: a non-finite global norm is an
+    overflow, the step is skipped and the gradients cleared; the norm comes from what it computes while reducing,
+    under optimizer offload each parameter's norm on the device, all-reduced, so every rank agrees). Earlier
+    releases check only fp16 loss scaling there; other stages differ by dtype and settings: the engine checks."""
+    release = tuple(int(n) for n in re.match(r"(\d+)\.(\d+)\.(\d+)", version).groups())
+    return config.get("zero_optimization", {}).get("stage", 0) == 3 and release >= (0, 19, 8)
 
 
 class DeepSpeedEngine:
@@ -54,6 +68,7 @@ class DeepSpeedEngine:
                                                                 optimizer=optimizer, config=self.config)
         self.module = self.model.module
         self.cp = ps.get_context_parallel_world_size()
+        self.checked_by_deepspeed = deepspeed_checks_gradients(self.config, deepspeed.__version__)
 
     def begin_step(self, backwards: int) -> None:
         """One backward per step (the config allows no more: batched pairs, no accumulation)."""
@@ -79,7 +94,7 @@ class DeepSpeedEngine:
         return not flag.item()
 
     def step(self, lr: float) -> tuple[float, bool]:
-        if not self._all_finite():  # checked before DeepSpeed's step, which may apply it (see module doc)
+        if not self.checked_by_deepspeed and not self._all_finite():  # before a step DeepSpeed may apply
             self.optimizer.zero_grad(set_to_none=True)
             return float("inf"), False
         whole = None
@@ -88,6 +103,8 @@ class DeepSpeedEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.step()
+        if not self.model.was_step_applied():  # DeepSpeed's own check skipped it (on every rank)
+            return float("inf"), False
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else whole, True
 

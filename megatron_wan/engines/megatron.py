@@ -25,6 +25,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from megatron_wan.engines import make_optimizer
+from megatron_wan.models.wan21.precision import fp32_parameters
+from megatron_wan.parallel import tp_split_dims
 from megatron_wan.parallel.parallelize import data_parallel_mesh, parallelize
 
 ENGINE_DIR = "engine"  # the DCP checkpoint inside a step folder
@@ -38,6 +40,14 @@ def tp_key(tp_rank: int) -> str:
     return f"tp{tp_rank:02d}"
 
 
+def weights_only(state: dict) -> dict:
+    """A model state dict without modules' `_extra_state`: Transformer Engine's (its FP8 metadata, an empty tensor
+    without FP8, which this project does not run) and megatron-core's linears' (None). DCP requires every key a
+    load asks for, so keeping them would make a resume after changing model.layer_provider or attention_backend
+    (or `auto` turning to TE) fail on the other provider's keys."""
+    return {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+
+
 def _full_norm(grads) -> torch.Tensor:
     """The 2-norm of `grads` (DTensors or tensors) over all their shards, as a plain fp32 tensor."""
     if not grads:
@@ -49,13 +59,13 @@ def _full_norm(grads) -> torch.Tensor:
 class MegatronEngine:
     def __init__(self, cfg, model: torch.nn.Module, reference: torch.nn.Module | None = None):
         run = cfg.run
-        # TP-split parameters (megatron's attribute does not survive FSDP's DTensor parameters): by name
-        split = {n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
+        split = tp_split_dims(model)  # by name: FSDP2 replaces the parameters
         self.mesh = data_parallel_mesh(run.dp_shard)
-        self.model = self.module = parallelize(model, self.mesh, dtype=run.dtype,
+        self.model = self.module = parallelize(model, self.mesh, dtype=run.dtype, keep_fp32=fp32_parameters(model),
                                                reshard_after_forward=run.reshard_after_forward)
         if reference is not None:  # a frozen copy: sharded the same way, never reduced
-            parallelize(reference, self.mesh, dtype=run.dtype, reshard_after_forward=run.reshard_after_forward)
+            parallelize(reference, self.mesh, dtype=run.dtype, keep_fp32=fp32_parameters(reference),
+                        reshard_after_forward=run.reshard_after_forward)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("no trainable parameters (finetune: lora with no matching targets?)")
@@ -105,7 +115,7 @@ class MegatronEngine:
 
     def _state(self) -> dict:
         return {tp_key(ps.get_tensor_model_parallel_rank()): {
-            "model": get_model_state_dict(self.model, options=_OPTIONS),
+            "model": weights_only(get_model_state_dict(self.model, options=_OPTIONS)),
             "optim": get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIONS)}}
 
     def save(self, directory) -> None:

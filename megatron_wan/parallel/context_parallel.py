@@ -8,7 +8,9 @@ every rank: cross-attention needs no CP communication.
 
 Self-attention across ranks (`cp_comm`):
 - `ring`: each rank's K/V travel once around the ring (point-to-point, overlapped with compute);
-  partial outputs are merged by their log-sum-exp. Its backward is its own: K/V go round again and
+  partial outputs are merged by their log-sum-exp. Each chunk runs torch's flash kernel on CUDA where the flash
+  rule of `kernel_for_call` allows (fp16/bf16, head dim a multiple of 8 up to 256), its memory-efficient one
+  otherwise (`ring_kernel`). Its backward is its own: K/V go round again and
   their gradients travel with them back to their owner. Padded keys are cut off each chunk.
 - `ulysses`: all-to-all from sequence-sharded, all heads to whole sequence, heads/cp; any local
   attention kernel runs there; all-to-all back. Needs the local head count divisible by cp.
@@ -234,6 +236,26 @@ def ulysses_attention(q, k, v, shard: FrameShard, attend) -> torch.Tensor:
 # -- which implementation runs (plain decisions, tested on CPU) ----------------------------------------
 
 HALF = (torch.bfloat16, torch.float16)
+FLASH_HEAD_DIMS = range(8, 257, 8)  # head dims the flash kernels take: multiples of 8 up to 256 (torch's sdp_utils,
+#                                      flash-attn 2; TE's fused attention likewise)
+
+
+def kernel_for_call(backend: str, dtype: torch.dtype, device_type: str, head_dim: int) -> str:
+    """The kernel one attention call runs: flash-attn and TE (and ring attention's flash kernel) only on fp16/bf16
+    CUDA tensors with a head dim in FLASH_HEAD_DIMS (flash-attn raises on others, TE falls back to its unfused path,
+    which holds the whole score matrix), sdpa otherwise."""
+    if backend in ("flash", "te") and (device_type != "cuda" or dtype not in HALF or head_dim not in FLASH_HEAD_DIMS):
+        return "sdpa"
+    return backend
+
+
+def ring_kernel(dtype: torch.dtype, device_type: str, head_dim: int) -> str:
+    """The local kernel of ring attention's chunks (each returns the log-sum-exp the merge needs): torch's CPU flash
+    kernel on CPU; on CUDA torch's flash kernel where kernel_for_call would run a flash kernel, else its
+    memory-efficient one (fp32, other head dims)."""
+    if device_type == "cpu":
+        return "cpu"
+    return "flash" if kernel_for_call("flash", dtype, device_type, head_dim) == "flash" else "efficient"
 
 
 def kernel_heads(local_heads: int, cp: int, cp_comm: str | None) -> int:
@@ -308,18 +330,28 @@ def cp_comm_problem(cp_comm: str, backend: str, cp: int, heads_per_tp: int, head
 # -- ring -------------------------------------------------------------------------------------------
 
 def _kernel_forward(q, k, v):
-    """Attention over [b, n, s, d] with its log-sum-exp [b, n, s] (fp32), and what its backward needs."""
-    if q.device.type == "cpu":
+    """Attention over [b, n, s, d] with its log-sum-exp [b, n, s] (fp32), and what its backward needs (the kernel
+    and its own outputs)."""
+    kernel = ring_kernel(q.dtype, q.device.type, q.shape[-1])
+    if kernel == "cpu":
         out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
-        return out, lse, ()
+        return out, lse, (kernel,)
+    if kernel == "flash":
+        out, lse, cum_q, cum_k, _, _, seed, offset, _ = _aten._scaled_dot_product_flash_attention(q, k, v)
+        return out, lse, (kernel, cum_q, cum_k, seed, offset)
     out, lse, seed, offset = _aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
-    return out, lse[..., : q.shape[2]], (lse, seed, offset)
+    return out, lse[..., : q.shape[2]], (kernel, lse, seed, offset)
 
 
 def _kernel_backward(dout, q, k, v, out, lse, extra):
     """Gradients of one K/V chunk's attention given the *merged* output and log-sum-exp."""
-    if q.device.type == "cpu":
+    kernel, *extra = extra
+    if kernel == "cpu":
         return _aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, False)
+    if kernel == "flash":  # the chunk's own lengths (the ring's chunks differ where the video is padded)
+        cum_q, cum_k, seed, offset = extra
+        return _aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse.contiguous(), cum_q, cum_k, q.shape[2], k.shape[2], 0.0, False, seed, offset)
     kernel_lse, seed, offset = extra
     kernel_lse = kernel_lse.clone()
     kernel_lse[..., : q.shape[2]] = lse  # the kernel's own (row-padded) layout

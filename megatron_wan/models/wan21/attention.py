@@ -3,10 +3,10 @@
 All take q [s_q, b, n, d], k and v [s_k, b, n, d] (sequence-first, local heads) and return
 [s_q, b, n * d]. The backend is chosen once at start-up; `auto` picks the best one that is present and
 has passed `python -m megatron_wan.bench gpu_check` on a GPU (VERIFIED_ON_GPU; until then: sdpa). Each
-call then runs the chosen kernel only where it can: flash-attn and TE take fp16/bf16 CUDA tensors (TE
-would fall back to an unfused path that materializes the score matrix), so other calls run sdpa, said
-once. Self-attention under context parallelism also takes the rank's FrameShard and attends across the
-CP group (`cp_comm`, see parallel/context_parallel.py).
+call then runs the chosen kernel only where it can (`kernel_for_call`): flash-attn and TE take fp16/bf16 CUDA
+tensors with a head dim that is a multiple of 8 up to 256 (TE would fall back to an unfused path that materializes
+the score matrix), so other calls run sdpa, said once. Self-attention under context parallelism also takes the
+rank's FrameShard and attends across the CP group (`cp_comm`, see parallel/context_parallel.py).
 """
 
 import importlib.util
@@ -19,10 +19,10 @@ from torch import nn
 
 from megatron_wan import parallel
 from megatron_wan.parallel.context_parallel import (
-    HALF,
     FrameShard,
     check_ulysses_heads,
     cp_comm_for_call,
+    kernel_for_call,
     kernel_heads,
     resolve_cp_comm,
     ring_attention,
@@ -62,22 +62,15 @@ def resolve_backend(name: str, verified=None) -> str:
     return name
 
 
-def kernel_for_call(backend: str, dtype: torch.dtype, device_type: str) -> str:
-    """The kernel one call runs: flash-attn and TE only on fp16/bf16 CUDA tensors (flash-attn raises on others,
-    TE falls back to its unfused path, which holds the whole score matrix), sdpa otherwise."""
-    if backend in ("flash", "te") and (device_type != "cuda" or dtype not in HALF):
-        return "sdpa"
-    return backend
-
-
 _SAID = set()
 
 
-def _say_once(backend: str, dtype: torch.dtype, device_type: str) -> None:
-    if (backend, dtype, device_type) not in _SAID:
-        _SAID.add((backend, dtype, device_type))
-        warnings.warn(f"attention_backend={backend!r} takes fp16/bf16 CUDA tensors; {dtype} on {device_type} "
-                      f"runs torch sdpa instead", stacklevel=3)
+def _say_once(backend: str, dtype: torch.dtype, device_type: str, head_dim: int) -> None:
+    if (backend, dtype, device_type, head_dim) not in _SAID:
+        _SAID.add((backend, dtype, device_type, head_dim))
+        warnings.warn(f"attention_backend={backend!r} takes fp16/bf16 CUDA tensors with a head dim that is a "
+                      f"multiple of 8 up to 256; {dtype} on {device_type}, head dim {head_dim}, runs torch sdpa "
+                      f"instead", stacklevel=3)
 
 
 class CoreAttention(nn.Module):
@@ -123,9 +116,9 @@ class CoreAttention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s, b = q.shape[:2]
-        kernel = kernel_for_call(self.backend, q.dtype, q.device.type)
+        kernel = kernel_for_call(self.backend, q.dtype, q.device.type, q.shape[-1])
         if kernel != self.backend:
-            _say_once(self.backend, q.dtype, q.device.type)
+            _say_once(self.backend, q.dtype, q.device.type, q.shape[-1])
         if kernel == "te":
             return self.te_attention(q, k, v).reshape(s, b, -1)
         if kernel == "flash":

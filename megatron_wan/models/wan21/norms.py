@@ -32,8 +32,7 @@ class HeadRMSNorm(nn.Module):
             raise ValueError(f"q/k width {hidden_size} is not divisible by tensor_parallel={tp}")
         self.hidden_size, self.eps = hidden_size, eps
         self.weight = nn.Parameter(torch.ones(hidden_size // tp))
-        self.weight.tensor_model_parallel = tp > 1
-        self.weight.partition_dim = 0
+        self.tp_split = {"weight": 0}  # see parallel.tp_split_dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
