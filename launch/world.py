@@ -190,6 +190,75 @@ def build_base(out: Path, init: Path, transformer: Path, times: dict) -> Path:
     return folder
 
 
+def sample_groups(out: Path, models: dict, prompts: int, seeds: list[int], sampling=None) -> dict:
+    """Sample the first `prompts` clips' captions of each split from each model (name -> (folder, transformer));
+    returns {(split, name): samples.jsonl}."""
+    from megatron_wan import parallel
+    from megatron_wan.eval.world_samples import WorldSampling, sample_world
+
+    parallel.initialize(1, 1)
+    truth = attributes(out / "clips")
+    found = {}
+    for split in ("train", "test"):
+        rows = [truth[r["id"]] for r in records(out / "normalize") if truth[r["id"]]["split"] == split][:prompts]
+        for name, (folder, transformer) in models.items():
+            found[split, name] = sample_world(folder, rows, seeds, out / "eval" / split / name, transformer,
+                                              sampling or WorldSampling())
+    return found
+
+
+def real_rows(out: Path, split: str, prompts: int) -> list[dict]:
+    """The first `prompts` normalized clips of `split` as video rows (absolute paths) with their truth."""
+    truth = attributes(out / "clips")
+    return [{**truth[r["id"]], "video": r["path"]} for r in records(out / "normalize")
+            if truth[r["id"]]["split"] == split][:prompts]
+
+
+def evaluate(out: Path, models: dict, prompts: int, seeds: list[int], sampling=None) -> dict:
+    """World metrics of the real clips and of each model's samples, per split, side by side: OUT/summary.json and
+    OUT/summary.md. The set-level distance is to the real `test` clips not among those scored."""
+    from megatron_wan.eval.world import features, rank_groups, read_rows, score_videos, set_distance, summarize
+
+    samples = sample_groups(out, models, prompts, seeds, sampling)
+    truth = attributes(out / "clips")
+    scored_real = {Path(r["video"]).stem for r in real_rows(out, "test", prompts)}
+    reference_rows = [{**r, "video": str(out / "clips" / r["video"])} for k, r in truth.items()
+                      if r["split"] == "test" and k not in scored_real]
+    reference, _ = score_videos(reference_rows, out)
+    summaries = {}
+    for split in ("train", "test"):
+        groups = {"Real": score_videos(real_rows(out, split, prompts), out)}
+        for name in models:
+            path = samples[split, name]
+            groups[name] = score_videos(read_rows(path), path.parent)
+        for name, (scores, rejects) in groups.items():
+            summary = summarize(scores, rejects)
+            summary["distance"] = set_distance(features(scores), features(reference)) if scores else None
+            summaries[split, name] = summary
+    table = {f"{split}/{name}": s for (split, name), s in summaries.items()}
+    ranks = {split: rank_groups({name: s for (sp, name), s in summaries.items() if sp == split})
+             for split in ("train", "test")}
+    return {"groups": table, "ranks": ranks, "prompts": prompts, "seeds": seeds,
+            "reference_videos": len(reference)}
+
+
+COLUMNS = (("accuracy", "all 3 right"), ("colour_accuracy", "colour"), ("shape_accuracy", "shape"),
+           ("direction_accuracy", "direction"), ("speed", "speed px/f"), ("straightness", "straight"),
+           ("area_cv", "area CV"), ("off_object_rms", "off-object"), ("grid_energy", "grid"),
+           ("sharpness", "sharpness"), ("distance", "distance"))
+
+
+def markdown_table(result: dict) -> str:
+    """The evaluation as one markdown table: a row per split and group, the world metrics and Total_Score."""
+    head = "| split | group | videos | " + " | ".join(h for _, h in COLUMNS) + " | Total_Score |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 4)]
+    for key, s in result["groups"].items():
+        split, name = key.split("/")
+        values = " | ".join("-" if s.get(k) is None else f"{s[k]:.3f}" for k, _ in COLUMNS)
+        lines.append(f"| {split} | {name} | {s['videos']} | {values} | {result['ranks'][split][name]['Total_Score']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m launch.world", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -199,6 +268,8 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--dit-steps", type=int, default=400)
+    parser.add_argument("--prompts", type=int, default=64, help="prompts per split in the table")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds per prompt")
     parser.add_argument("--until", choices=("data", "vae", "base"), help="stop after this step")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
@@ -208,11 +279,23 @@ def main(argv=None) -> None:
     if args.until == "data":
         return
     build_vae(out, args.vae_steps, args.seed, times)
-    if args.until != "vae":
-        init = build_init(out, args.seed, times)
-        transformer = train_dit(out, init, build_encoded(out, init, times), args.dit_steps, times)
-        build_base(out, init, transformer, times)
-    _log(f"times: {times}")
+    if args.until == "vae":
+        return
+    init = build_init(out, args.seed, times)
+    transformer = train_dit(out, init, build_encoded(out, init, times), args.dit_steps, times)
+    base = build_base(out, init, transformer, times)
+    if args.until == "base":
+        return
+    t = time.time()
+    result = evaluate(out, {"Random": (init, None), "Base": (base, None)}, args.prompts, args.seeds)
+    times["table"] = round(time.time() - t, 1)
+    result["times_s"] = times
+    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    table = markdown_table(result)
+    (out / "summary.md").write_text(f"# The world's base model\n\n{args.prompts} prompts per split x seeds "
+                                    f"{args.seeds}; Real = the normalized clips themselves.\n\n{table}\n"
+                                    f"Wall time per step (s): {times}\n")
+    print(table + f"[world] times (s): {times}\n[world] base model: {base}")
 
 
 if __name__ == "__main__":

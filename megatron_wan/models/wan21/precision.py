@@ -11,12 +11,15 @@ from megatron_wan.models.wan21.adapter import rename
 
 
 def fp32_parameters(model: nn.Module) -> set:
-    """The parameters of `model` (a WanModel, or Wan 2.2's Experts of two) that diffusers keeps in float32."""
+    """The parameters of `model` (a WanModel, or Wan 2.2's Experts of two) that diffusers keeps in float32; none
+    for a module that is not a Wan transformer (no `wan` config: diffusers has no rule for it)."""
     from diffusers import WanTransformer3DModel
 
+    members = getattr(model, "experts", (model,))
+    if not all(hasattr(m, "wan") for m in members):
+        return set()
     keep = set(WanTransformer3DModel._keep_in_fp32_modules)
-    return {p for m in getattr(model, "experts", (model,)) for name, p in m.named_parameters()
-            if keep & set(rename(name, "diffusers").split("."))}
+    return {p for m in members for name, p in m.named_parameters() if keep & set(rename(name, "diffusers").split("."))}
 
 
 @torch.no_grad()
