@@ -42,8 +42,8 @@ def data_tools(*argv) -> dict:
     return main([str(a) for a in argv])
 
 
-def timed(name: str, times: dict, done: Path):
-    """Decorator-free helper: whether step `name` must run (its output `done` is absent); records wall time."""
+def needed(name: str, times: dict, done: Path) -> bool:
+    """Whether step `name` must run: its output `done` is absent (else it is reused, and said so)."""
     if done.exists():
         _log(f"{name}: reused {done}")
         times.setdefault(name, "reused")
@@ -77,22 +77,24 @@ def split_frames(out: Path, split: str, limit: int | None = None):
 
 def build_data(out: Path, videos: int, seed: int, workers: int, times: dict) -> None:
     t = time.time()
-    if timed("clips", times, out / "clips" / "attributes.jsonl"):
+    if needed("clips", times, out / "clips" / "attributes.jsonl"):
         data_tools("world", "--out", out / "clips", "--videos", videos, "--seed", seed)
-    previous = out / "clips"
+        times["clips"] = round(time.time() - t, 1)
+    t, previous = time.time(), out / "clips"
     for stage, flags in (("probe", []), ("select", RELAXED["select"]), ("filter", RELAXED["filter"]),
                          ("normalize", ["--format", "world", "--captions", out / "clips" / "captions.csv"])):
-        if not (out / stage / "manifest.jsonl").exists():
+        if needed(stage, times, out / stage / "manifest.jsonl"):
             data_tools(stage, "--in", previous, "--out", out / stage, "--workers", workers, *flags)
+            times[stage] = round(time.time() - t, 1)
+            t = time.time()
         previous = out / stage
-    times.setdefault("clips + data path", round(time.time() - t, 1))
 
 
 def build_vae(out: Path, steps: int, seed: int, times: dict) -> Path:
     from launch.world_vae import psnr, round_trip, to_model, train_vae
 
     folder = out / "vae"
-    if not timed("vae", times, folder / "config.json"):
+    if not needed("vae", times, folder / "config.json"):
         return folder
     train, held = split_frames(out, "train"), split_frames(out, "test", 64)
     vae, summary = train_vae(train, held, steps, seed=seed)
@@ -112,7 +114,7 @@ def build_init(out: Path, seed: int, times: dict) -> Path:
     """The initial pipeline folder: the trained VAE, a random DiT (`world` preset), a tiny random umT5 over the
     world's words, the scheduler; the "random weights" model of the table."""
     folder = out / "init"
-    if not timed("init", times, folder / "model_index.json"):
+    if not needed("init", times, folder / "model_index.json"):
         return folder
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
@@ -153,22 +155,22 @@ def sft_pairs(out: Path) -> Path:
 
 def build_encoded(out: Path, init: Path, times: dict) -> Path:
     folder = out / "encoded"
-    if timed("encode", times, folder / "manifest.json"):
+    if needed("encode", times, folder / "manifest.json"):
         t = time.time()
         data_tools("encode", "--in", sft_pairs(out), "--out", folder, "--model", init)
         times["encode"] = round(time.time() - t, 1)
     return folder
 
 
-def train_dit(out: Path, init: Path, encoded: Path, steps: int, times: dict) -> Path:
+def train_dit(out: Path, init: Path, encoded: Path, steps: int, times: dict, overrides=()) -> Path:
     """The DiT by this project's trainer: mode sft, full fine-tuning of the random init, 2 CPU ranks."""
     run = out / "dit"
-    if timed("dit", times, out / "export" / "transformer" / "config.json"):
+    if needed("dit", times, out / "export" / "transformer" / "config.json"):
         t = time.time()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "megatron_wan.train", "--config", str(REPO / "configs" / "world-base-sft.yaml"),
                f"model.weights={init}", f"data.dir={encoded}", f"run.output_dir={run}", f"run.steps={steps}",
-               f"run.save_every={steps}"]
+               f"run.save_every={steps}", *overrides]
         _log(" ".join(cmd[2:]))
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         from megatron_wan.export import main as export
@@ -181,7 +183,7 @@ def train_dit(out: Path, init: Path, encoded: Path, steps: int, times: dict) -> 
 def build_base(out: Path, init: Path, transformer: Path, times: dict) -> Path:
     """OUT/base: the initial folder with the trained transformer."""
     folder = out / "base"
-    if timed("base", times, folder / "model_index.json"):
+    if needed("base", times, folder / "model_index.json"):
         tmp = out / ".base.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(init, tmp, ignore=shutil.ignore_patterns("transformer"))
@@ -268,6 +270,8 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--dit-steps", type=int, default=400)
+    parser.add_argument("--train-override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more overrides of configs/world-base-sft.yaml for the DiT's training")
     parser.add_argument("--prompts", type=int, default=64, help="prompts per split in the table")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds per prompt")
     parser.add_argument("--until", choices=("data", "vae", "base"), help="stop after this step")
@@ -282,7 +286,8 @@ def main(argv=None) -> None:
     if args.until == "vae":
         return
     init = build_init(out, args.seed, times)
-    transformer = train_dit(out, init, build_encoded(out, init, times), args.dit_steps, times)
+    transformer = train_dit(out, init, build_encoded(out, init, times), args.dit_steps, times,
+                            args.train_override)
     base = build_base(out, init, transformer, times)
     if args.until == "base":
         return
