@@ -12,7 +12,7 @@ PYTEST_ARGS ?= -n 2
 TASK ?= t2v
 MODEL ?= wan2.1
 
-.PHONY: demo test lint install gpu-check
+.PHONY: demo test lint install gpu-check world
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ $(VENV)/.installed: setup.py
 # (MODEL=wan2.2-ti2v: outputs/demo-wan2.2-ti2v/report.md)
 demo: install
 	DS_ACCELERATOR=cpu $(PY) -m launch.demo --model $(MODEL) --task $(TASK)
+
+# The procedural world's base model, built from nothing on this machine (README "The world"): outputs/world/base
+# and outputs/world/summary.md; finished steps are reused. assets/world/base is the committed build.
+world: install
+	DS_ACCELERATOR=cpu $(PY) -m launch.world --out outputs/world
 
 test: install
 	DS_ACCELERATOR=cpu $(PY) -m pytest $(PYTEST_ARGS) tests

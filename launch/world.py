@@ -269,7 +269,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--dit-steps", type=int, default=400)
+    parser.add_argument("--dit-steps", type=int, default=600)
     parser.add_argument("--train-override", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more overrides of configs/world-base-sft.yaml for the DiT's training")
     parser.add_argument("--prompts", type=int, default=64, help="prompts per split in the table")

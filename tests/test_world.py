@@ -31,7 +31,10 @@ def test_base_loads_and_samples_in_diffusers():
     video = pipe("a red circle moves to the left", height=32, width=32, num_frames=17, num_inference_steps=2,
                  guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0)).frames[0]
     assert video.shape == (17, 32, 32, 3) and np.isfinite(video).all()
-    assert tuple(pipe.transformer.config.patch_size) == (1, 1, 1)
+    from megatron_wan.models.wan21.config import preset
+
+    assert tuple(pipe.transformer.config.patch_size) == preset("world").patch_size
+    assert pipe.vae.config.scale_factor_spatial == 4
 
 
 def test_vae_round_trip_keeps_what_test_clips_show():

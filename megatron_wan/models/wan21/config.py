@@ -154,8 +154,8 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32),
     "tiny-i2v": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32,
                      model_type="i2v", in_dim=36, image_dim=48),
-    # the procedural world's base DiT (launch.world): 32x32 clips, 4x4 latents, so patch 1 (80 tokens a clip)
-    "world": dict(dim=64, ffn_dim=256, num_heads=4, num_layers=4, text_dim=32, patch_size=(1, 1, 1)),
+    # the procedural world's base DiT (launch.world): 32x32 clips, 8x8 latents (its VAE is 4x), 80 tokens a clip
+    "world": dict(dim=64, ffn_dim=256, num_heads=4, num_layers=4, text_dim=32),
 }
 
 
