@@ -26,11 +26,15 @@ experiment, the paper's groups trained from the world's base model on the same G
    the sum of the stds over seeds, and never from one seed).
 Every step is reused when its output exists (delete a folder to redo it); each prints its wall time.
 
-Sizes. --quick (about 2 minutes on 2 CPU cores; checks the machinery, not the conclusions): 24 clips, 4 pairs,
-Base + Reg-DPO + its sign check, 1 seed, 2 steps, 1 checkpoint, 2 prompts per split, 1 sampling seed. The default
-(not run yet; sized from --quick's per-unit times to about 60 minutes on 2 CPU cores, see README): 480 clips, 160
-pairs, every group of GROUPS, 3 seeds, 60 steps of batch 8 with a checkpoint every 20, 4 prompts per split x 2
-sampling seeds at 10 steps. Any of them can be changed by its flag.
+Sizes (any field can be changed by its flag):
+  --quick   checks the machinery, not the conclusions; about 2 minutes on 2 busy CPU cores: 24 clips, 4 pairs, Base +
+            Reg-DPO + its sign check, 1 seed, 2 steps of 2 pairs (1 per rank), 1 checkpoint, 2 prompts per split x 1
+            sampling seed at 2 steps.
+  default   not run yet: 480 clips, 160 pairs, all 13 groups, 3 seeds, 60 steps of 4 pairs (2 per rank) with a
+            checkpoint every 20, 8 prompts per split (every held-out `test` combination) x 1 sampling seed at 10
+            steps. Sized to about 60 minutes on 2 CPU cores from unit times measured there (a trainer start ~15 s,
+            a step ~0.2 s, a checkpoint's export + sampler load ~6 s, a world video sampled and decoded at 10 steps
+            ~0.7 s): 39 runs x ~80 s plus ~5 minutes of data; a busier machine takes longer.
 """
 
 import argparse
@@ -92,7 +96,7 @@ class Size:
     seeds: tuple[int, ...]  # training seeds (run.seed), the same for every group
     steps: int
     save_every: int
-    batch: int
+    batch: int  # pairs per rank and step (run.batch_size; 2 ranks)
     lr: float
     prompts: int  # distinct captions sampled per split at every checkpoint
     sample_seeds: tuple[int, ...]
@@ -100,9 +104,9 @@ class Size:
 
 
 DEFAULT = Size(videos=480, pairs=160, generate_steps=10, groups=tuple(GROUPS), seeds=(1, 2, 3), steps=60,
-               save_every=20, batch=8, lr=5e-4, prompts=4, sample_seeds=(0, 1), sample_steps=10)
-QUICK = Size(videos=24, pairs=4, generate_steps=4, groups=("base", "regdpo", "regdpo-swap"), seeds=(1,), steps=2,
-             save_every=2, batch=2, lr=5e-4, prompts=2, sample_seeds=(0,), sample_steps=4)
+               save_every=20, batch=2, lr=5e-4, prompts=8, sample_seeds=(0,), sample_steps=10)
+QUICK = Size(videos=24, pairs=4, generate_steps=2, groups=("base", "regdpo", "regdpo-swap"), seeds=(1,), steps=2,
+             save_every=2, batch=1, lr=5e-4, prompts=2, sample_seeds=(0,), sample_steps=2)
 
 
 # 1. data ------------------------------------------------------------------------------------------------------------
@@ -471,7 +475,8 @@ def write_report(out: Path, results: dict, runs: dict, size: Size, base: Path, t
     lines = ["# Does Reg-DPO make the model better? (the world)", "",
              f"Base: `{base}`. GT-Pairs: {size.pairs} world `train` clips (winners) against the base's own "
              f"generations ({size.generate_steps} UniPC steps) of the same prompts. Every group: "
-             f"`configs/{RECIPE.name}` with its overrides, {size.steps} steps of batch {size.batch}, lr {size.lr:g}, "
+             f"`configs/{RECIPE.name}` with its overrides, {size.steps} steps of {2 * size.batch} pairs (2 ranks), lr "
+             f"{size.lr:g}, "
              f"a checkpoint every {size.save_every} steps, seeds {list(size.seeds)} ({seeds_note}). Every checkpoint "
              f"sampled on {size.prompts} `train` and {size.prompts} `test` prompts x sampling seeds "
              f"{list(size.sample_seeds)} ({size.sample_steps} steps) and scored from pixels (megatron_wan.eval.world).",
@@ -533,8 +538,8 @@ def size_of(args) -> Size:
         size = replace(size, groups=("base", *size.groups))
     if size.steps % size.save_every:
         raise ValueError(f"--steps {size.steps} is not a multiple of --save-every {size.save_every}")
-    if size.batch % 2:
-        raise ValueError(f"--batch {size.batch}: the 2 data-parallel ranks need an even batch")
+    if 2 * size.batch > size.pairs:
+        raise ValueError(f"--batch {size.batch} per rank x 2 ranks is more than the {size.pairs} pairs")
     return size
 
 

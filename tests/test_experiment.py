@@ -1,0 +1,76 @@
+"""Issue 29's experiment (launch.experiment, `python -m megatron_wan.eval experiment`): --quick runs the whole
+machinery end to end from a random world base (the real one is assets/world/base), and the sign check's swap
+reaches the trainer."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from launch.experiment import GROUPS, METRICS, compare
+
+
+def random_base(tmp_path: Path) -> Path:
+    """A world pipeline folder with random weights (a random VAE of the world's config), as `make world`'s init."""
+    from diffusers import AutoencoderKLWan
+
+    from launch.world import build_init
+    from launch.world_vae import VAE_CONFIG
+
+    AutoencoderKLWan(**VAE_CONFIG).save_pretrained(tmp_path / "vae")
+    return build_init(tmp_path, 0, {})
+
+
+def test_quick_runs_every_step_and_swaps_only_the_pairs_file(tmp_path):
+    from megatron_wan.eval.__main__ import main
+
+    out = tmp_path / "exp"
+    report = main(["experiment", "--out", str(out), "--quick", "--base", str(random_base(tmp_path))])
+    assert report == out.resolve() / "report.md"
+
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["group"], r["seed"], r["step"], r["split"]) for r in rows} == {
+        (g, s, n, split) for g, s, n in (("base", "0", "0"), ("regdpo", "1", "2"), ("regdpo-swap", "1", "2"))
+        for split in ("train", "test")}
+    for r in rows:
+        assert r["videos"] == "2" and r["Total_Score"] and all(r[k] != "" for k in ("accuracy", "distance")), r
+        assert set(METRICS) <= set(r)
+
+    samples = [json.loads(line) for line in (out / "regdpo" / "seed1" / "step_2" / "samples.jsonl").open()]
+    assert [(s["split"], s["seed"]) for s in samples] == [("train", 0)] * 2 + [("test", 0)] * 2
+    assert all({"path", "caption", "shape", "colour", "direction"} <= set(s) for s in samples)
+    assert all((out / "regdpo" / "seed1" / "step_2" / s["path"]).is_file() for s in samples)
+    base = [json.loads(line) for line in (out / "base" / "seed0" / "step_0" / "samples.jsonl").open()]
+    assert [s["caption"] for s in base] == [s["caption"] for s in samples]  # the same fixed prompts for every group
+
+    # the sign check: the trainer read the swapped file, and saw each pair's winner as the other run's loser under
+    # the same noise and timestep (the reference errors of step 1 are the base's, before any update)
+    pairs = [json.loads(line) for line in (out / "data" / "encoded" / "train.jsonl").open()]
+    swapped = [json.loads(line) for line in (out / "data" / "pairs_swapped.jsonl").open()]
+    assert [(p["winner"], p["loser"]) for p in pairs] == [(p["loser"], p["winner"]) for p in swapped]
+    assert "pairs_swapped.jsonl" in (out / "regdpo-swap" / "seed1" / "run" / "config.yaml").read_text()
+    first = {g: json.loads((out / g / "seed1" / "run" / "metrics.jsonl").open().readline())
+             for g in ("regdpo", "regdpo-swap")}
+    assert np.isclose(first["regdpo"]["ref_err_w"], first["regdpo-swap"]["ref_err_l"], rtol=1e-6)
+    assert np.isclose(first["regdpo"]["ref_err_l"], first["regdpo-swap"]["ref_err_w"], rtol=1e-6)
+    assert first["regdpo"]["ref_err_w"] != first["regdpo"]["ref_err_l"]
+
+    text = report.read_text()
+    for needle in ("## What held and what did not", "one seed: no claim", "Sign check", "Table 10 analogue",
+                   "Base @ 0", f"{GROUPS['regdpo'].label} @ 2"):
+        assert needle in text, needle
+    for png in ("fig2_training_curves.png", "fig7_train.png", "fig7_test.png"):
+        assert (out / png).stat().st_size > 0
+    for group in ("base", "regdpo", "regdpo-swap"):  # 4 samples of 32 x 32, 8 frames each
+        assert Image.open(out / "sheets" / f"{group}.png").size == (8 * 32, 4 * 32)
+
+
+def test_a_difference_holds_only_beyond_the_spread_of_several_seeds():
+    assert compare((0.9, 0.0, 1), (0.5, 0.0, 1)) == "one seed: no claim"
+    assert compare((0.9, 0.1, 3), (0.5, 0.1, 3)) == "better"
+    assert compare((0.9, 0.2, 3), (0.6, 0.2, 3)) == "within the spread"
+    assert compare((0.3, 0.05, 3), (0.6, 0.05, 3)) == "worse"
+    assert compare((0.3, 0.05, 3), (0.6, 0.05, 3), higher=False) == "better"
