@@ -7,7 +7,9 @@ experiment, the paper's groups trained from the world's base model on the same G
    then `pair` (GT-Pairs, all of them `train`: the held-out prompts are the world's `test` combinations) and
    `encode`, as launch.demo does (generate writes the GT's own format, so no import-generated pass is needed). The
    sign check's pairs file (OUT/data/pairs_swapped.jsonl) is the encoded train.jsonl with winner and loser exchanged:
-   the trainer reads it through data.pairs and swaps nothing itself.
+   the trainer reads it through data.pairs and swaps nothing itself. The pair-kind ablation's edited-GT losers (the
+   winner's own frames reversed or shuffled) are written as videos and enter through `import-generated`, `pair` and
+   `encode` into OUT/data/edited (PAIR_KINDS).
 2. groups (GROUPS: name -> overrides of configs/world-regdpo.yaml): every trained group starts from the same base, on
    the same pairs, with the same steps, lr, batch and seeds (run.seed = the seed), trained by `torch.distributed.run
    -m megatron_wan.train` on 2 ranks into OUT/GROUP/seedK/run, a checkpoint every --save-every steps; Base is not
@@ -47,6 +49,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from launch.world import SHIFT, attributes, build_data, data_tools, needed, records, reference_rows
+from megatron_wan.eval.world_vocab import FPS, FRAMES
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "world-regdpo.yaml"
@@ -64,7 +67,7 @@ class Group:
 
     label: str
     overrides: tuple[str, ...] = ()
-    swap: bool = False  # trained on the pairs file with winner and loser exchanged (the sign check)
+    pairs: str = "gt"  # PAIR_KINDS: which pairs it trains on
     trained: bool = True  # Base is not
 
 
@@ -81,7 +84,14 @@ GROUPS = {  # folder name -> group; the one place the groups differ
     "sft-full": Group("SFT, full", (*FULL, "objective.mode=sft")),
     "dpo-full": Group("DPO, full", (*FULL, "objective.mode=dpo", "objective.reference=copy")),
     "regdpo-full": Group("Reg-DPO, full", (*FULL, "objective.reference=copy")),
-    "regdpo-swap": Group("Reg-DPO, winner and loser swapped", swap=True),
+    "regdpo-swap": Group("Reg-DPO, winner and loser swapped", pairs="swapped"),
+    "regdpo-edited": Group("Reg-DPO, edited-GT losers", pairs="edited"),
+    "dpo-edited": Group("DPO, edited-GT losers", ("objective.mode=dpo",), pairs="edited"),
+}
+PAIR_KINDS = {  # a group's `pairs` -> what they are
+    "gt": "GT-Pairs: the real clip wins over the base's generation of its prompt",
+    "swapped": "the GT-Pairs with winner and loser exchanged in the pairs file (the sign check)",
+    "edited": "edited-GT: the real clip wins over its own frames reversed (even pairs) or shuffled (odd pairs)",
 }
 
 
@@ -111,9 +121,18 @@ QUICK = Size(videos=24, pairs=4, generate_steps=2, groups=("base", "regdpo", "re
 
 # 1. data ------------------------------------------------------------------------------------------------------------
 
-def build_pairs(out: Path, base: Path, size: Size, world_seed: int, times: dict) -> Path:
-    """The world's clips through the data path, GT-Pairs of the first `size.pairs` `train` clips against the base's
-    generations, encoded; returns the encoded folder (OUT/data/encoded) with pairs_swapped.jsonl beside it."""
+def run_stages(stages, times: dict) -> None:
+    """(name, done, argv) each: `python -m data_tools *argv` in this process unless its output `done` exists."""
+    for name, done, argv in stages:
+        if needed(name, times, done):
+            t = time.time()
+            data_tools(*argv)
+            times[name] = round(time.time() - t, 1)
+
+
+def build_pairs(out: Path, base: Path, size: Size, world_seed: int, times: dict) -> dict:
+    """The world's clips through the data path, then the pairs of each kind the groups need (PAIR_KINDS); returns
+    kind -> (encoded folder, pairs file) for the trainer's data.dir and data.pairs."""
     world, data = out / "world", out / "data"
     build_data(world, size.videos, world_seed, 1, times)
     truth = attributes(world / "clips")
@@ -123,27 +142,65 @@ def build_pairs(out: Path, base: Path, size: Size, world_seed: int, times: dict)
     from data_tools.stage import read_jsonl, write_jsonl
 
     data.mkdir(parents=True, exist_ok=True)
-    for stage, done, argv in (
-            ("generate", data / "generated" / "manifest.jsonl",
-             ["--in", data / "gt.jsonl", "--out", data / "generated", "--model", base, "--task", "t2v",
-              "--generator", "base", "--steps", size.generate_steps, "--shift", SHIFT, "--guidance-scale", 1]),
-            ("pair", data / "pairs" / "manifest.jsonl",
-             ["--in", data / "gt.jsonl", "--generated", data / "generated", "--out", data / "pairs",
-              "--test-fraction", 0]),
-            ("encode", data / "encoded" / "manifest.json",
-             ["--in", data / "pairs", "--out", data / "encoded", "--model", base, "--task", "t2v"])):
-        if needed(stage, times, done):
-            t = time.time()
-            if stage == "generate":
-                write_jsonl(data / "gt.jsonl", gts)
-            data_tools(stage, *argv)
-            times[stage] = round(time.time() - t, 1)
-    pairs = read_jsonl(data / "encoded" / "train.jsonl")
-    if len(pairs) != size.pairs:
-        raise ValueError(f"{data / 'encoded' / 'train.jsonl'}: {len(pairs)} encoded pairs, expected {size.pairs} "
-                         f"(see the rejects of {data}/generated, pairs and encoded)")
-    write_jsonl(data / "pairs_swapped.jsonl", swapped(pairs))
-    return data / "encoded"
+    if not (data / "gt.jsonl").exists():
+        write_jsonl(data / "gt.jsonl", gts)
+    kinds = {GROUPS[n].pairs for n in size.groups if GROUPS[n].trained}
+    found = {}
+    for kind, folder in (("gt", data), ("edited", data / "edited")):
+        if kind not in kinds and not (kind == "gt" and "swapped" in kinds):
+            continue
+        if kind == "gt":
+            losers = [("generate", folder / "generated" / "manifest.jsonl",
+                       ["generate", "--in", data / "gt.jsonl", "--out", folder / "generated", "--model", base,
+                        "--task", "t2v", "--generator", "base", "--steps", size.generate_steps, "--shift", SHIFT,
+                        "--guidance-scale", 1])]
+        else:
+            edited_videos(folder, gts)
+            losers = [("edited import-generated", folder / "generated" / "manifest.jsonl",
+                       ["import-generated", "--in", folder / "raw", "--out", folder / "generated", "--mapping",
+                        folder / "mapping.csv", "--gt", data / "gt.jsonl", "--fps", FPS, "--frames", FRAMES])]
+        prefix = "" if kind == "gt" else f"{kind} "
+        run_stages([*losers,
+                    (f"{prefix}pair", folder / "pairs" / "manifest.jsonl",
+                     ["pair", "--in", data / "gt.jsonl", "--generated", folder / "generated", "--out", folder / "pairs",
+                      "--test-fraction", 0]),
+                    (f"{prefix}encode", folder / "encoded" / "manifest.json",
+                     ["encode", "--in", folder / "pairs", "--out", folder / "encoded", "--model", base, "--task",
+                      "t2v"])], times)
+        pairs = read_jsonl(folder / "encoded" / "train.jsonl")
+        if len(pairs) != size.pairs:
+            raise ValueError(f"{folder / 'encoded' / 'train.jsonl'}: {len(pairs)} encoded pairs, expected "
+                             f"{size.pairs} (see the rejects of {folder}/generated, pairs and encoded)")
+        found[kind] = (folder / "encoded", folder / "encoded" / "train.jsonl")
+        if kind == "gt":
+            write_jsonl(data / "pairs_swapped.jsonl", swapped(pairs))
+            found["swapped"] = (folder / "encoded", data / "pairs_swapped.jsonl")
+    return found
+
+
+def edited_videos(folder: Path, gts: list[dict]) -> None:
+    """FOLDER/raw: each GT clip's own frames reversed (even index) or shuffled (odd index, seeded by it), named
+    GT.reversed / GT.shuffled, and FOLDER/mapping.csv (video, gt_id, generator) for import-generated."""
+    import numpy as np
+
+    from data_tools.media import read_frames
+    from data_tools.world import CRF
+    from megatron_wan.files import atomic_path
+    from megatron_wan.video_io import encode_h264
+
+    (folder / "raw").mkdir(parents=True, exist_ok=True)
+    rows = ["video,gt_id,generator"]
+    for i, gt in enumerate(gts):
+        edit = "reversed" if i % 2 == 0 else "shuffled"
+        name, path = f"{gt['id']}.{edit}", folder / "raw" / f"{gt['id']}.{edit}.mp4"
+        if not path.exists():
+            frames = read_frames(gt["path"])
+            order = (np.arange(len(frames))[::-1] if edit == "reversed"
+                     else np.random.default_rng(i).permutation(len(frames)))
+            with atomic_path(path) as tmp:
+                encode_h264(tmp, frames[order], FPS, CRF, "medium", threads=1)
+        rows.append(f"{name}.mp4,{gt['id']},{edit}")
+    (folder / "mapping.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
 
 
 def swapped(pairs: list[dict]) -> list[dict]:
@@ -172,12 +229,12 @@ def eval_rows(out: Path, size: Size) -> list[dict]:
 
 # 2. training --------------------------------------------------------------------------------------------------------
 
-def train(out: Path, base: Path, encoded: Path, name: str, seed: int, size: Size, times: dict) -> Path:
-    """One group, one seed, by the project's trainer on 2 ranks: OUT/GROUP/seedK/run."""
+def train(out: Path, base: Path, data: dict, name: str, seed: int, size: Size, times: dict) -> Path:
+    """One group, one seed, by the project's trainer on 2 ranks: OUT/GROUP/seedK/run (data: build_pairs')."""
     group, run = GROUPS[name], out / name / f"seed{seed}" / "run"
     if needed(f"train {name} seed {seed}", times, run / "summary.json"):
         t = time.time()
-        pairs = encoded.parent / "pairs_swapped.jsonl" if group.swap else encoded / "train.jsonl"
+        encoded, pairs = data[group.pairs]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "megatron_wan.train", "--config", str(RECIPE), f"model.weights={base}", f"data.dir={encoded}",
                f"data.pairs={pairs}", f"run.output_dir={run}", f"run.steps={size.steps}",
@@ -420,7 +477,8 @@ def claims(results: dict, runs: dict, size: Size) -> list[str]:
 
     lines = []
     for a, b in (("regdpo", "base"), ("regdpo", "sft"), ("regdpo", "dpo"), ("sft", "base"), ("dpo", "base"),
-                 ("regdpo-full", "sft-full"), ("regdpo-full", "dpo-full")):
+                 ("regdpo-full", "sft-full"), ("regdpo-full", "dpo-full"), ("regdpo", "regdpo-edited"),
+                 ("dpo", "dpo-edited")):
         if {a, b} <= present:
             for key, higher in ((TOTAL, True), ("accuracy", True), ("distance", False)):
                 x, y = at_last(a, key), at_last(b, key)
@@ -483,7 +541,7 @@ def write_report(out: Path, results: dict, runs: dict, size: Size, base: Path, t
              "", "A difference holds only when the two means differ by more than the sum of their stds over seeds. "
              "Nothing was tuned for any group.", "", "## Groups", "", "| group | overrides | pairs |", "|---|---|---|"]
     lines += [f"| {g.label} (`{n}`) | {' '.join(f'`{o}`' for o in g.overrides) or '-'} | "
-              f"{'swapped' if g.swap else 'as made' if g.trained else 'not trained'} |"
+              f"{PAIR_KINDS[g.pairs] if g.trained else 'not trained'} |"
               for n, g in GROUPS.items() if n in size.groups]
     lines += ["", "## What held and what did not", ""] + [f"- {c}" for c in claims(results, runs, size)]
     keys = (TOTAL, "accuracy", "grid_energy", "distance")
@@ -552,9 +610,9 @@ def run(args) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     _log(f"{out}: {size}")
     started, times = time.time(), {}
-    encoded = build_pairs(out, base, size, args.world_seed, times)
+    data = build_pairs(out, base, size, args.world_seed, times)
     rows = eval_rows(out, size)
-    runs = {(n, seed): train(out, base, encoded, n, seed, size, times)
+    runs = {(n, seed): train(out, base, data, n, seed, size, times)
             for n in size.groups if GROUPS[n].trained for seed in size.seeds}
     results = with_totals(evaluate_all(out, base, runs, rows, size, times))
     write_results(out / "results.csv", results)

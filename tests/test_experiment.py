@@ -1,6 +1,6 @@
 """Issue 29's experiment (launch.experiment, `python -m megatron_wan.eval experiment`): --quick runs the whole
-machinery end to end from a random world base (the real one is assets/world/base), and the sign check's swap
-reaches the trainer."""
+machinery end to end from a random world base (the real one is assets/world/base), the sign check's swap reaches
+the trainer, and the edited-GT losers are the winners' own frames reversed or shuffled."""
 
 import csv
 import json
@@ -25,15 +25,18 @@ def random_base(tmp_path: Path) -> Path:
 
 def test_quick_runs_every_step_and_swaps_only_the_pairs_file(tmp_path):
     from megatron_wan.eval.__main__ import main
+    from megatron_wan.eval.world import score_videos
 
     out = tmp_path / "exp"
-    report = main(["experiment", "--out", str(out), "--quick", "--base", str(random_base(tmp_path))])
+    groups = ("regdpo", "regdpo-swap", "regdpo-edited")
+    report = main(["experiment", "--out", str(out), "--quick", "--base", str(random_base(tmp_path)), "--groups",
+                   *groups])
     assert report == out.resolve() / "report.md"
 
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {(r["group"], r["seed"], r["step"], r["split"]) for r in rows} == {
-        (g, s, n, split) for g, s, n in (("base", "0", "0"), ("regdpo", "1", "2"), ("regdpo-swap", "1", "2"))
+        (g, s, n, split) for g, s, n in (("base", "0", "0"), *((g, "1", "2") for g in groups))
         for split in ("train", "test")}
     for r in rows:
         assert r["videos"] == "2" and r["Total_Score"] and all(r[k] != "" for k in ("accuracy", "distance")), r
@@ -58,13 +61,22 @@ def test_quick_runs_every_step_and_swaps_only_the_pairs_file(tmp_path):
     assert np.isclose(first["regdpo"]["ref_err_l"], first["regdpo-swap"]["ref_err_w"], rtol=1e-6)
     assert first["regdpo"]["ref_err_w"] != first["regdpo"]["ref_err_l"]
 
+    # edited-GT: the loser of each pair is its winner's clip reversed (read moving the other way) or shuffled
+    edited = [json.loads(line) for line in (out / "data" / "edited" / "encoded" / "train.jsonl").open()]
+    assert [p["loser"]["id"] for p in edited] == [f"{p['winner']['id']}.{e}" for p, e in
+                                                  zip(edited, ["reversed", "shuffled"] * 2)]
+    for p in edited[::2]:
+        scores, _ = score_videos([{"video": p[k]["path"], "caption": p["prompt"]} for k in ("winner", "loser")], "/")
+        opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+        assert opposite[scores[0]["measured_direction"]] == scores[1]["measured_direction"], p["id"]
+
     text = report.read_text()
     for needle in ("## What held and what did not", "one seed: no claim", "Sign check", "Table 10 analogue",
                    "Base @ 0", f"{GROUPS['regdpo'].label} @ 2"):
         assert needle in text, needle
     for png in ("fig2_training_curves.png", "fig7_train.png", "fig7_test.png"):
         assert (out / png).stat().st_size > 0
-    for group in ("base", "regdpo", "regdpo-swap"):  # 4 samples of 32 x 32, 8 frames each
+    for group in ("base", *groups):  # 4 samples of 32 x 32, 8 frames each
         assert Image.open(out / "sheets" / f"{group}.png").size == (8 * 32, 4 * 32)
 
 
