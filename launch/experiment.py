@@ -9,7 +9,8 @@ experiment, the paper's groups trained from the world's base model on the same G
    sign check's pairs file (OUT/data/pairs_swapped.jsonl) is the encoded train.jsonl with winner and loser exchanged:
    the trainer reads it through data.pairs and swaps nothing itself. The pair-kind ablation's edited-GT losers (the
    winner's own frames reversed or shuffled) are written as videos and enter through `import-generated`, `pair` and
-   `encode` into OUT/data/edited (PAIR_KINDS).
+   `encode` into OUT/data/edited; the on-policy pairs are two generations of the base per prompt ranked by the world
+   metrics (world_ranks, given to `pair --scores`) in OUT/data/onpolicy (PAIR_KINDS).
 2. groups (GROUPS: name -> overrides of configs/world-regdpo.yaml): every trained group starts from the same base, on
    the same pairs, with the same steps, lr, batch and seeds (run.seed = the seed), trained by `torch.distributed.run
    -m megatron_wan.train` on 2 ranks into OUT/GROUP/seedK/run, a checkpoint every --save-every steps; Base is not
@@ -32,11 +33,12 @@ Sizes (any field can be changed by its flag):
   --quick   checks the machinery, not the conclusions; about 2 minutes on 2 busy CPU cores: 24 clips, 4 pairs, Base +
             Reg-DPO + its sign check, 1 seed, 2 steps of 2 pairs (1 per rank), 1 checkpoint, 2 prompts per split x 1
             sampling seed at 2 steps.
-  default   not run yet: 480 clips, 160 pairs, all 13 groups, 3 seeds, 60 steps of 4 pairs (2 per rank) with a
-            checkpoint every 20, 8 prompts per split (every held-out `test` combination) x 1 sampling seed at 10
-            steps. Sized to about 60 minutes on 2 CPU cores from unit times measured there (a trainer start ~15 s,
-            a step ~0.2 s, a checkpoint's export + sampler load ~6 s, a world video sampled and decoded at 10 steps
-            ~0.7 s): 39 runs x ~80 s plus ~5 minutes of data; a busier machine takes longer.
+  default   not run yet: 480 clips, 160 pairs of each kind, all 16 groups, 3 seeds, 60 steps of 4 pairs (2 per
+            rank) with a checkpoint every 30, 8 prompts per split (every held-out `test` combination) x 1 sampling
+            seed at 10 steps. Sized to about 60 minutes on 2 CPU cores from unit times measured there (a trainer
+            start ~15 s, a step ~0.2 s, a checkpoint's export + sampler load ~6 s, a world video sampled and decoded
+            at 10 steps ~0.7 s): 45 runs x ~65 s plus ~8 minutes of data (480 generated videos); a busier machine
+            takes longer, and `--groups` runs a subset.
 """
 
 import argparse
@@ -87,11 +89,13 @@ GROUPS = {  # folder name -> group; the one place the groups differ
     "regdpo-swap": Group("Reg-DPO, winner and loser swapped", pairs="swapped"),
     "regdpo-edited": Group("Reg-DPO, edited-GT losers", pairs="edited"),
     "dpo-edited": Group("DPO, edited-GT losers", ("objective.mode=dpo",), pairs="edited"),
+    "regdpo-onpolicy": Group("Reg-DPO, on-policy pairs", pairs="onpolicy"),
 }
 PAIR_KINDS = {  # a group's `pairs` -> what they are
     "gt": "GT-Pairs: the real clip wins over the base's generation of its prompt",
     "swapped": "the GT-Pairs with winner and loser exchanged in the pairs file (the sign check)",
     "edited": "edited-GT: the real clip wins over its own frames reversed (even pairs) or shuffled (odd pairs)",
+    "onpolicy": "on-policy: two generations of the base per prompt, the one the world metrics rank higher wins",
 }
 
 
@@ -114,7 +118,7 @@ class Size:
 
 
 DEFAULT = Size(videos=480, pairs=160, generate_steps=10, groups=tuple(GROUPS), seeds=(1, 2, 3), steps=60,
-               save_every=20, batch=2, lr=5e-4, prompts=8, sample_seeds=(0,), sample_steps=10)
+               save_every=30, batch=2, lr=5e-4, prompts=8, sample_seeds=(0,), sample_steps=10)
 QUICK = Size(videos=24, pairs=4, generate_steps=2, groups=("base", "regdpo", "regdpo-swap"), seeds=(1,), steps=2,
              save_every=2, batch=1, lr=5e-4, prompts=2, sample_seeds=(0,), sample_steps=2)
 
@@ -145,37 +149,70 @@ def build_pairs(out: Path, base: Path, size: Size, world_seed: int, times: dict)
     if not (data / "gt.jsonl").exists():
         write_jsonl(data / "gt.jsonl", gts)
     kinds = {GROUPS[n].pairs for n in size.groups if GROUPS[n].trained}
-    found = {}
-    for kind, folder in (("gt", data), ("edited", data / "edited")):
-        if kind not in kinds and not (kind == "gt" and "swapped" in kinds):
-            continue
-        if kind == "gt":
-            losers = [("generate", folder / "generated" / "manifest.jsonl",
-                       ["generate", "--in", data / "gt.jsonl", "--out", folder / "generated", "--model", base,
-                        "--task", "t2v", "--generator", "base", "--steps", size.generate_steps, "--shift", SHIFT,
-                        "--guidance-scale", 1])]
-        else:
-            edited_videos(folder, gts)
-            losers = [("edited import-generated", folder / "generated" / "manifest.jsonl",
-                       ["import-generated", "--in", folder / "raw", "--out", folder / "generated", "--mapping",
-                        folder / "mapping.csv", "--gt", data / "gt.jsonl", "--fps", FPS, "--frames", FRAMES])]
-        prefix = "" if kind == "gt" else f"{kind} "
-        run_stages([*losers,
-                    (f"{prefix}pair", folder / "pairs" / "manifest.jsonl",
-                     ["pair", "--in", data / "gt.jsonl", "--generated", folder / "generated", "--out", folder / "pairs",
-                      "--test-fraction", 0]),
-                    (f"{prefix}encode", folder / "encoded" / "manifest.json",
+
+    def generate(folder: Path, name: str, samples: int) -> tuple:
+        return (f"{name} generate".strip(), folder / "generated" / "manifest.jsonl",
+                ["generate", "--in", data / "gt.jsonl", "--out", folder / "generated", "--model", base, "--task",
+                 "t2v", "--generator", name or "base", "--samples", samples, "--steps", size.generate_steps,
+                 "--shift", SHIFT, "--guidance-scale", 1])
+
+    def pair_and_encode(folder: Path, name: str, *flags, kind: str = "gt") -> list[dict]:
+        """pair + encode into FOLDER; the encoded pairs of `kind` (gt: GT-Pairs, annotated: ranked pairs)."""
+        run_stages([(f"{name} pair".strip(), folder / "pairs" / "manifest.jsonl",
+                     ["pair", "--in", data / "gt.jsonl", "--generated", folder / "generated", "--out",
+                      folder / "pairs", "--test-fraction", 0, *flags]),
+                    (f"{name} encode".strip(), folder / "encoded" / "manifest.json",
                      ["encode", "--in", folder / "pairs", "--out", folder / "encoded", "--model", base, "--task",
                       "t2v"])], times)
-        pairs = read_jsonl(folder / "encoded" / "train.jsonl")
+        pairs = [p for p in read_jsonl(folder / "encoded" / "train.jsonl") if p["kind"] == kind]
         if len(pairs) != size.pairs:
-            raise ValueError(f"{folder / 'encoded' / 'train.jsonl'}: {len(pairs)} encoded pairs, expected "
-                             f"{size.pairs} (see the rejects of {folder}/generated, pairs and encoded)")
-        found[kind] = (folder / "encoded", folder / "encoded" / "train.jsonl")
-        if kind == "gt":
-            write_jsonl(data / "pairs_swapped.jsonl", swapped(pairs))
-            found["swapped"] = (folder / "encoded", data / "pairs_swapped.jsonl")
+            raise ValueError(f"{folder / 'encoded' / 'train.jsonl'}: {len(pairs)} encoded {name or 'GT'} pairs, "
+                             f"expected {size.pairs} (see the rejects of {folder}/generated, pairs and encoded)")
+        return pairs
+
+    found = {}
+    if kinds & {"gt", "swapped"}:
+        run_stages([generate(data, "", 1)], times)
+        pairs = pair_and_encode(data, "")
+        write_jsonl(data / "pairs_swapped.jsonl", swapped(pairs))
+        found["gt"] = (data / "encoded", data / "encoded" / "train.jsonl")
+        found["swapped"] = (data / "encoded", data / "pairs_swapped.jsonl")
+    if "edited" in kinds:
+        folder = data / "edited"
+        edited_videos(folder, gts)
+        run_stages([("edited import-generated", folder / "generated" / "manifest.jsonl",
+                     ["import-generated", "--in", folder / "raw", "--out", folder / "generated", "--mapping",
+                      folder / "mapping.csv", "--gt", data / "gt.jsonl", "--fps", FPS, "--frames", FRAMES])], times)
+        pair_and_encode(folder, "edited")
+        found["edited"] = (folder / "encoded", folder / "encoded" / "train.jsonl")
+    if "onpolicy" in kinds:
+        folder = data / "onpolicy"
+        run_stages([generate(folder, "onpolicy", 2)], times)
+        world_ranks(folder, truth)
+        write_jsonl(folder / "onpolicy.jsonl", pair_and_encode(folder, "onpolicy", "--scores", folder / "scores.csv",
+                                                                 kind="annotated"))
+        found["onpolicy"] = (folder / "encoded", folder / "onpolicy.jsonl")
     return found
+
+
+def world_ranks(folder: Path, truth: dict) -> None:
+    """FOLDER/scores.csv for `pair --scores`: of the generated videos of each GT, the one the world metrics rank
+    higher (more of colour, shape and direction right, then less energy off the object) scores 5, the other 1."""
+    from data_tools.stage import read_jsonl
+    from megatron_wan.eval.world import score_videos
+
+    by_gt = {}
+    for r in read_jsonl(folder / "generated" / "manifest.jsonl"):
+        by_gt.setdefault(r["gt_id"], []).append(r)
+    rows = ["video,annotator,dimension,score"]
+    for gt_id, videos in by_gt.items():
+        scores, rejects = score_videos([{**truth[gt_id], "video": v["path"]} for v in videos], "/")
+        if rejects:
+            raise ValueError(f"{folder / 'generated'}: {rejects[0]['video']}: {rejects[0]['reason']}")
+        keys = [(sum(s[f"{k}_ok"] for k in ("colour", "shape", "direction")), -s["off_object_rms"]) for s in scores]
+        best = max(range(len(videos)), key=keys.__getitem__)
+        rows += [f"{v['id']},world,rank,{5 if i == best else 1}" for i, v in enumerate(videos)]
+    (folder / "scores.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
 
 
 def edited_videos(folder: Path, gts: list[dict]) -> None:
@@ -478,7 +515,7 @@ def claims(results: dict, runs: dict, size: Size) -> list[str]:
     lines = []
     for a, b in (("regdpo", "base"), ("regdpo", "sft"), ("regdpo", "dpo"), ("sft", "base"), ("dpo", "base"),
                  ("regdpo-full", "sft-full"), ("regdpo-full", "dpo-full"), ("regdpo", "regdpo-edited"),
-                 ("dpo", "dpo-edited")):
+                 ("dpo", "dpo-edited"), ("regdpo", "regdpo-onpolicy")):
         if {a, b} <= present:
             for key, higher in ((TOTAL, True), ("accuracy", True), ("distance", False)):
                 x, y = at_last(a, key), at_last(b, key)

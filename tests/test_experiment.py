@@ -1,6 +1,7 @@
 """Issue 29's experiment (launch.experiment, `python -m megatron_wan.eval experiment`): --quick runs the whole
 machinery end to end from a random world base (the real one is assets/world/base), the sign check's swap reaches
-the trainer, and the edited-GT losers are the winners' own frames reversed or shuffled."""
+the trainer, the edited-GT losers are the winners' own frames reversed or shuffled, and the on-policy pairs are the
+base's own generations in the world metrics' order."""
 
 import csv
 import json
@@ -28,7 +29,7 @@ def test_quick_runs_every_step_and_swaps_only_the_pairs_file(tmp_path):
     from megatron_wan.eval.world import score_videos
 
     out = tmp_path / "exp"
-    groups = ("regdpo", "regdpo-swap", "regdpo-edited")
+    groups = ("regdpo", "regdpo-swap", "regdpo-edited", "regdpo-onpolicy")
     report = main(["experiment", "--out", str(out), "--quick", "--base", str(random_base(tmp_path)), "--groups",
                    *groups])
     assert report == out.resolve() / "report.md"
@@ -69,6 +70,13 @@ def test_quick_runs_every_step_and_swaps_only_the_pairs_file(tmp_path):
         scores, _ = score_videos([{"video": p[k]["path"], "caption": p["prompt"]} for k in ("winner", "loser")], "/")
         opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
         assert opposite[scores[0]["measured_direction"]] == scores[1]["measured_direction"], p["id"]
+
+    # on-policy: two generations of the base per prompt, the world metrics' pick wins (scores.csv: 5 over 1)
+    ranked = dict(line.split(",")[0::3] for line in (out / "data" / "onpolicy" / "scores.csv").read_text().split()[1:])
+    onpolicy = [json.loads(line) for line in (out / "data" / "onpolicy" / "onpolicy.jsonl").open()]
+    assert len(onpolicy) == 4 and {p["gt_id"] for p in onpolicy} == {p["gt_id"] for p in pairs}
+    assert all((ranked[p["winner"]["id"]], ranked[p["loser"]["id"]]) == ("5", "1") for p in onpolicy)
+    assert "onpolicy.jsonl" in (out / "regdpo-onpolicy" / "seed1" / "run" / "config.yaml").read_text()
 
     text = report.read_text()
     for needle in ("## What held and what did not", "one seed: no claim", "Sign check", "Table 10 analogue",
