@@ -315,33 +315,43 @@ def sample_checkpoint(folder: Path, base: Path, checkpoint: Path | None, rows: l
                         WorldSampling(steps=size.sample_steps, shift=SHIFT))
 
 
-def score(samples: Path, reference) -> dict:
-    """split -> world summary (with the set-level `distance` to `reference`) of one checkpoint's samples."""
-    from megatron_wan.eval.world import features, read_rows, score_videos, set_distance, summarize
-
-    summaries = {}
-    rows = read_rows(samples)
-    for split in ("train", "test"):
-        scores, rejects = score_videos([r for r in rows if r["split"] == split], samples.parent)
-        summary = summarize(scores, rejects)
-        summary["distance"] = set_distance(features(scores), reference) if scores else None
-        summaries[split] = summary
-    return summaries
-
-
-def evaluate_all(out: Path, base: Path, runs: dict, rows: list[dict], size: Size, times: dict) -> dict:
-    """(group, seed, step) -> split -> summary for Base and every checkpoint of every run (runs: (group, seed) ->
-    run folder)."""
-    from megatron_wan import parallel
+def reference_features(out: Path, rows: list[dict]):
+    """The FEATURES of the real `test` clips that are not among the prompts `rows`: the set-level distance's
+    reference."""
     from megatron_wan.eval.world import features, score_videos
 
-    parallel.initialize(1, 1)
     excluded = {Path(r["video"]).stem for r in rows if r["split"] == "test"}
     reference, _ = score_videos(reference_rows(out / "world", excluded), out)
     if not reference:
         raise ValueError(f"{out / 'world'}: no real `test` clip left for the distance besides the {len(excluded)} "
                          f"prompts (more --videos, or fewer --prompts)")
-    reference = features(reference)
+    return features(reference)
+
+
+def summary_of(scores: list[dict], rejects: list[dict], reference) -> dict:
+    """The world summary of scored videos with their set-level `distance` to `reference`."""
+    from megatron_wan.eval.world import features, set_distance, summarize
+
+    summary = summarize(scores, rejects)
+    summary["distance"] = set_distance(features(scores), reference) if scores else None
+    return summary
+
+
+def score(samples: Path, reference) -> dict:
+    """split -> world summary of one checkpoint's samples."""
+    from megatron_wan.eval.world import read_rows, score_videos
+
+    rows = read_rows(samples)
+    return {split: summary_of(*score_videos([r for r in rows if r["split"] == split], samples.parent), reference)
+            for split in ("train", "test")}
+
+
+def evaluate_all(out: Path, base: Path, runs: dict, rows: list[dict], reference, size: Size, times: dict) -> dict:
+    """(group, seed, step) -> split -> summary for Base and every checkpoint of every run (runs: (group, seed) ->
+    run folder)."""
+    from megatron_wan import parallel
+
+    parallel.initialize(1, 1)
     t = time.time()
     units = {("base", 0, 0): (out / "base" / "seed0" / "step_0", None)}
     for (name, seed), run in runs.items():
@@ -438,15 +448,13 @@ def plot_figures(out: Path, results: dict, runs: dict, size: Size) -> list[Path]
     return written
 
 
-def best_checkpoints(out: Path, results: dict, size: Size) -> tuple[dict, str]:
+def best_checkpoints(out: Path, results: dict, reference, size: Size) -> tuple[dict, str]:
     """group -> best step (by mean `train` Total_Score over seeds; Base: 0), and the Table 10 analogue: each group's
     best checkpoint, its `test` samples of all seeds pooled, ranked (table10.md, table10.csv)."""
     from megatron_wan.eval.ranking import TOTAL, report
-    from megatron_wan.eval.world import features, ranking_values, read_rows, score_videos, set_distance, summarize
+    from megatron_wan.eval.world import ranking_values, read_rows, score_videos
 
     best, pooled = {}, {}
-    excluded = {Path(r["video"]).stem for r in eval_rows(out, size) if r["split"] == "test"}
-    reference = features(score_videos(reference_rows(out / "world", excluded), out)[0])
     for name in size.groups:
         steps = by_step(results, name, "train", TOTAL)
         best[name] = max((s for s in steps if s or not GROUPS[name].trained), key=lambda s: steps[s][0])
@@ -456,9 +464,7 @@ def best_checkpoints(out: Path, results: dict, size: Size) -> tuple[dict, str]:
             folder = out / name / f"seed{seed}" / f"step_{best[name]}"
             found = score_videos([r for r in read_rows(folder / "samples.jsonl") if r["split"] == "test"], folder)
             scores, rejects = scores + found[0], rejects + found[1]
-        summary = summarize(scores, rejects)
-        summary["distance"] = set_distance(features(scores), reference) if scores else None
-        pooled[f"{GROUPS[name].label} @ {best[name]}"] = summary
+        pooled[f"{GROUPS[name].label} @ {best[name]}"] = summary_of(scores, rejects, reference)
     return best, report(ranking_values(pooled), out / "table10", base="Base @ 0")
 
 
@@ -522,7 +528,7 @@ def claims(results: dict, runs: dict, size: Size) -> list[str]:
                 lines.append(f"{GROUPS[a].label} vs {GROUPS[b].label}, test {key} at the last step: {fmt(x)} vs "
                              f"{fmt(y)}: {compare(x, y, higher)}.")
     base_grid = results["base", 0, 0]["test"]["grid_energy"]
-    for name in [n for n in present if GROUPS[n].trained]:
+    for name in [n for n in size.groups if GROUPS[n].trained]:
         grid = by_step(results, name, "test", "grid_energy")
         collapsed = [s for s, st in grid.items() if s and st[0] > COLLAPSE * base_grid]
         worst = max(st[0] for s, st in grid.items() if s) / base_grid if base_grid else float("inf")
@@ -651,10 +657,11 @@ def run(args) -> Path:
     rows = eval_rows(out, size)
     runs = {(n, seed): train(out, base, data, n, seed, size, times)
             for n in size.groups if GROUPS[n].trained for seed in size.seeds}
-    results = with_totals(evaluate_all(out, base, runs, rows, size, times))
+    reference = reference_features(out, rows)
+    results = with_totals(evaluate_all(out, base, runs, rows, reference, size, times))
     write_results(out / "results.csv", results)
     figures = plot_figures(out, results, runs, size)
-    best, table10 = best_checkpoints(out, results, size)
+    best, table10 = best_checkpoints(out, results, reference, size)
     sheets = contact_sheets(out, results, size)
     times["total"] = round(time.time() - started, 1)
     path = write_report(out, results, runs, size, base, table10, best, sheets, figures, times)

@@ -94,3 +94,37 @@ def test_a_difference_holds_only_beyond_the_spread_of_several_seeds():
     assert compare((0.9, 0.2, 3), (0.6, 0.2, 3)) == "within the spread"
     assert compare((0.3, 0.05, 3), (0.6, 0.05, 3)) == "worse"
     assert compare((0.3, 0.05, 3), (0.6, 0.05, 3), higher=False) == "better"
+
+
+def test_the_report_says_what_held_from_the_numbers(tmp_path):
+    """claims() on results of 2 seeds: DPO's grid energy x10 of Base's at step 2 is a collapse, its log's Fig. 2
+    dynamics are read per seed, and Reg-DPO against its swapped twin moves accuracy the other way."""
+    from dataclasses import replace
+
+    from launch.experiment import QUICK, claims, with_totals
+
+    def summary(accuracy, grid):
+        return {"videos": 4, "rejected": 0, "colour_accuracy": accuracy, "shape_accuracy": accuracy,
+                "direction_accuracy": accuracy, "accuracy": accuracy, "straightness": 0.9, "area_cv": 0.1,
+                "colour_std": 1.0, "off_object_rms": 5.0, "sharpness": 0.5, "grid_energy": grid, "distance": 1.0}
+
+    values = {"base": (0.5, 1.0), "regdpo": (0.9, 1.0), "regdpo-swap": (0.1, 1.0), "dpo": (0.5, 10.0)}
+    results = {("base", 0, 0): {split: summary(*values["base"]) for split in ("train", "test")}}
+    runs = {}
+    for name in ("regdpo", "regdpo-swap", "dpo"):
+        for seed in (1, 2):
+            accuracy, grid = values[name]
+            results[name, seed, 2] = {split: summary(accuracy + 0.01 * seed, grid) for split in ("train", "test")}
+            runs[name, seed] = tmp_path / name / str(seed)
+            runs[name, seed].mkdir(parents=True)
+            log = [{"step": k, "s": -k, "dgr": 250 / k ** 2, "win_gap": k, "lose_gap": 2 * k} for k in range(1, 11)]
+            (runs[name, seed] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    size = replace(QUICK, groups=("base", "regdpo", "regdpo-swap", "dpo"), seeds=(1, 2))
+    text = "\n".join(claims(with_totals(results), runs, size))
+    assert "DPO collapsed at step 2: grid energy x10.0 of Base's." in text
+    assert "Reg-DPO (r = DGR): no collapse" in text
+    assert "Reg-DPO (r = DGR) vs Base, test accuracy at the last step: 0.915 +- 0.005 vs 0.500: better." in text
+    assert "Sign check, test accuracy against Base (0.500): Reg-DPO 0.915 +- 0.005 (better), swapped 0.115 +- " \
+           "0.005 (worse): the metrics move the other way." in text
+    assert text.count("s falls (holds), DGR tends to 0 (< 0.1 of its start) (holds), win gap rises (holds), " \
+                      "lose gap rises (holds)") == 2
