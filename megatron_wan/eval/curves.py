@@ -129,8 +129,8 @@ def plot_checkpoint_metrics(series: dict, titles: dict, path) -> Path:
         ax = fig.add_subplot(rows, cols, i + 1)
         for run, points in series[metric].items():
             steps, means, stds = (list(v) for v in zip(*points))
-            colour = f"C{runs.index(run) % 10}"
-            ax.plot(steps, means, color=colour, marker="o", markersize=3, linewidth=1, label=str(run))
+            colour, style = f"C{runs.index(run) % 10}", ("-", "--", ":")[runs.index(run) // 10 % 3]  # > 10 runs
+            ax.plot(steps, means, color=colour, linestyle=style, marker="o", markersize=3, linewidth=1, label=str(run))
             ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                             color=colour, alpha=0.15, linewidth=0)
         ax.set_title(titles[metric])
