@@ -216,17 +216,21 @@ def real_rows(out: Path, split: str, prompts: int) -> list[dict]:
             if truth[r["id"]]["split"] == split][:prompts]
 
 
+def reference_rows(out: Path, excluded: set) -> list[dict]:
+    """The real `test` clips (absolute paths) whose ids are not in `excluded`: the reference set of the set-level
+    distance, kept apart from the clips being scored."""
+    return [{**r, "video": str(out / "clips" / r["video"])} for k, r in attributes(out / "clips").items()
+            if r["split"] == "test" and k not in excluded]
+
+
 def evaluate(out: Path, models: dict, prompts: int, seeds: list[int], sampling=None) -> dict:
     """World metrics of the real clips and of each model's samples, per split, side by side: OUT/summary.json and
     OUT/summary.md. The set-level distance is to the real `test` clips not among those scored."""
     from megatron_wan.eval.world import features, rank_groups, read_rows, score_videos, set_distance, summarize
 
     samples = sample_groups(out, models, prompts, seeds, sampling)
-    truth = attributes(out / "clips")
-    scored_real = {Path(r["video"]).stem for r in real_rows(out, "test", prompts)}
-    reference_rows = [{**r, "video": str(out / "clips" / r["video"])} for k, r in truth.items()
-                      if r["split"] == "test" and k not in scored_real]
-    reference, _ = score_videos(reference_rows, out)
+    reference, _ = score_videos(reference_rows(out, {Path(r["video"]).stem for r in real_rows(out, "test", prompts)}),
+                                out)
     summaries = {}
     for split in ("train", "test"):
         groups = {"Real": score_videos(real_rows(out, split, prompts), out)}

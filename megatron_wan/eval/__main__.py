@@ -6,6 +6,7 @@
   vbench  run VBench (custom input) on folders of videos, or parse its results, and rank them
   curves  PNG curves of training metric logs and of per-checkpoint Total_Score
   world   score the procedural world's videos from their pixels (colour, shape, motion, consistency, artifacts)
+  experiment  issue 29's experiment on the world: SFT, DPO, Reg-DPO, ... trained from its base, scored, reported
 """
 
 import argparse
@@ -19,6 +20,7 @@ COMMANDS = {  # CLI name -> module in megatron_wan.eval with add_arguments(parse
     "vbench": "vbench",
     "curves": "curves",
     "world": "world",
+    "experiment": "experiment",
 }
 
 

@@ -115,6 +115,34 @@ def plot_total_scores(curves: dict, path) -> Path:
     return _save(fig, path)
 
 
+def plot_checkpoint_metrics(series: dict, titles: dict, path) -> Path:
+    """One panel per metric (titles: metric -> panel title), a line per run: series is metric -> run -> [(step,
+    mean, std)] by step, the std drawn as a band (the spread over seeds); writes PNG `path` (Fig. 7 per metric)."""
+    metrics = [m for m in titles if series.get(m)]
+    if not metrics:
+        raise ValueError(f"none of {', '.join(titles)} has any checkpoint")
+    cols = min(len(metrics), 4)
+    rows = -(-len(metrics) // cols)
+    fig = Figure(figsize=(4 * cols, 3.2 * rows), layout="constrained")
+    runs = list(dict.fromkeys(run for m in metrics for run in series[m]))
+    for i, metric in enumerate(metrics):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for run, points in series[metric].items():
+            steps, means, stds = (list(v) for v in zip(*points))
+            colour, style = f"C{runs.index(run) % 10}", ("-", "--", ":")[runs.index(run) // 10 % 3]  # > 10 runs
+            ax.plot(steps, means, color=colour, linestyle=style, marker="o", markersize=3, linewidth=1, label=str(run))
+            ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                            color=colour, alpha=0.15, linewidth=0)
+        ax.set_title(titles[metric])
+        ax.set_xlabel("step")
+    handles = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=min(len(handles), 4))
+    return _save(fig, path)
+
+
 def add_arguments(parser):
     parser.add_argument("--log", type=named_path, action="append", default=[], metavar="RUN=JSONL",
                         help="a run's metric log, or its output directory (named by it) holding metrics.jsonl; "
