@@ -285,16 +285,16 @@ def main(argv=None) -> None:
     times: dict = {}
     build_data(out, args.videos, args.seed, args.workers, times)
     if args.until == "data":
-        return
+        return _log(f"times (s): {times}")
     build_vae(out, args.vae_steps, args.seed, times)
     if args.until == "vae":
-        return
+        return _log(f"times (s): {times}")
     init = build_init(out, args.seed, times)
     transformer = train_dit(out, init, build_encoded(out, init, times), args.dit_steps, times,
                             args.train_override)
     base = build_base(out, init, transformer, times)
     if args.until == "base":
-        return
+        return _log(f"times (s): {times}")
     t = time.time()
     result = evaluate(out, {"Random": (init, None), "Base": (base, None)}, args.prompts, args.seeds)
     times["table"] = round(time.time() - t, 1)
