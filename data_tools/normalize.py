@@ -164,7 +164,8 @@ def add_arguments(parser) -> None:
     parser.description = __doc__
     parser.add_argument("--format", choices=sorted(FORMATS), default="wan2.1",
                         help="the model's native format: wan2.1 (16 fps, 81 frames, short side 720), wan2.2-ti2v "
-                             "(24 fps, 121 frames, 1280x704 / 704x1280), world (16 fps, 17 frames, 32x32: data_tools world)")
+                             "(24 fps, 121 frames, 1280x704 / 704x1280), world (16 fps, 17 frames, 32x32: "
+                             "data_tools world)")
     parser.add_argument("--fps", type=int, help="default: the format's")
     parser.add_argument("--frames", type=int, help="default: the format's")
     parser.add_argument("--min-side", type=int, help="default: the format's (given: bucket sizes from it)")
