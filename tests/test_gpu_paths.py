@@ -173,8 +173,7 @@ def _deepspeed_poisoned_step(tmp):
     """The generated config (ZeRO-3, parameters and optimizer offloaded, bf16) on 2 ranks: three steps, the second
     with an infinite gradient on rank 1 only. (the reduction dtype DeepSpeed's optimizer uses, stepped flags,
     DeepSpeed's count of steps it skipped, weights unchanged by the poisoned step, the next step trained)."""
-    import torch.distributed as dist
-    from test_hardening import _full_weights, _TwoBlocks
+    from test_hardening import _TwoBlocks, poisoned_steps
 
     from megatron_wan import parallel
     from megatron_wan.config import load_config
@@ -185,16 +184,7 @@ def _deepspeed_poisoned_step(tmp):
                              "lora=null", "objective.reference=copy"])
     torch.manual_seed(0)
     engine = build_engine(cfg, _TwoBlocks())
-    stepped, weights = [], []
-    for poison in (False, True, False):
-        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(len(stepped) + 10 * dist.get_rank()))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = engine.model(x)
-        if poison and dist.get_rank() == 1:
-            out.register_hook(lambda g: g * float("inf"))
-        engine.backward(out.float().pow(2).mean())
-        stepped.append(engine.step(0.1)[1])
-        weights.append(_full_weights(engine))
+    stepped, weights = poisoned_steps(engine, bf16=True)
     return (str(engine.optimizer.communication_data_type), stepped, engine.model.skipped_steps,
             torch.equal(weights[0], weights[1]), not torch.equal(weights[1], weights[2]))
 

@@ -325,10 +325,27 @@ def test_cp_public_forward_gives_every_rank_the_whole_input_gradient():
 
 # -- 18: a non-finite gradient is skipped for real, by both engines ---------------------------------------------
 
+def poisoned_steps(engine, bf16: bool) -> tuple[list, list]:
+    """Three steps of `engine` (over _TwoBlocks), the second with an infinite gradient on rank 1 only: (stepped
+    flags, the whole weights after each step)."""
+    import torch.distributed as dist
+
+    stepped, weights = [], []
+    for poison in (False, True, False):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(len(stepped) + 10 * dist.get_rank()))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = engine.model(x)
+        if poison and dist.get_rank() == 1:
+            out.register_hook(lambda g: g * float("inf"))
+        engine.backward(out.float().pow(2).mean())
+        stepped.append(engine.step(0.1)[1])
+        weights.append(_full_weights(engine))
+    return stepped, weights
+
+
 def _steps_with_a_poisoned_one(tmp):
     """For each engine and setting: three steps of a tiny model on 2 ranks, the second with an infinite gradient
     on rank 1 only; (stepped flags, weights unchanged by the poisoned step, weights finite and moved after)."""
-    import torch.distributed as dist
 
     from megatron_wan import parallel
     from megatron_wan.config import load_config
@@ -349,16 +366,7 @@ def _steps_with_a_poisoned_one(tmp):
                                  "objective.reference=copy"])
         torch.manual_seed(0)
         engine = build_engine(cfg, _TwoBlocks())
-        stepped, weights = [], []
-        for poison in (False, True, False):
-            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(len(stepped) + 10 * dist.get_rank()))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.run.dtype == "bf16"):
-                out = engine.model(x)
-            if poison and dist.get_rank() == 1:
-                out.register_hook(lambda g: g * float("inf"))
-            engine.backward(out.float().pow(2).mean())
-            stepped.append(engine.step(0.1)[1])
-            weights.append(_full_weights(engine))
+        stepped, weights = poisoned_steps(engine, cfg.run.dtype == "bf16")
         results[name] = (stepped, torch.equal(weights[0], weights[1]),
                          bool(torch.isfinite(weights[2]).all()) and not torch.equal(weights[1], weights[2]))
     return results

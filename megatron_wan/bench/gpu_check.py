@@ -483,7 +483,7 @@ def step_throughput(ctx):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, cfg.in_dim, *grid, generator=g).cuda()
     text = torch.randn(1, text_len, cfg.text_dim, generator=g).cuda()
-    step = _regdpo_step(model, (x, None, text))
+    step = _regdpo_step(model, (x, None, text), "bf16")
     torch.cuda.reset_peak_memory_stats()
     with torch.autocast("cuda", torch.bfloat16):
         seconds = time_it(step, repeats=3)

@@ -48,9 +48,11 @@ def _models(cfg: WanConfig, device):
     return theirs.to(device), ours.to(device)
 
 
-def _regdpo_step(ours: WanModel, inputs, compile_mode: str | None = None):
-    """A closure running one Reg-DPO step of the training stack on a pair built from `inputs` (it trains `ours`);
-    with `compile_mode`, the policy's and the reference's blocks compiled as the Trainer does (model.compile)."""
+def _regdpo_step(ours: WanModel, inputs, dtype: str, compile_mode: str | None = None):
+    """A closure running one Reg-DPO step of the training stack on a pair built from `inputs` (it trains `ours`, which
+    the engine wraps) with `run.dtype` = `dtype` (bf16: FSDP2 computes in bf16 but the parameters diffusers keeps in
+    fp32, as the trainer does); with `compile_mode`, the policy's and the reference's blocks compiled as the Trainer
+    does (model.compile)."""
     from megatron_wan.compile import compile_blocks
     from megatron_wan.config import Config, ObjectiveConfig, RunConfig
     from megatron_wan.engines import build_engine
@@ -59,7 +61,7 @@ def _regdpo_step(ours: WanModel, inputs, compile_mode: str | None = None):
     from megatron_wan.objectives.reference import make_reference
 
     x, _, text = inputs
-    cfg = Config(run=RunConfig(finetune="full"), lora=None, objective=ObjectiveConfig(reference="copy"))
+    cfg = Config(run=RunConfig(finetune="full", dtype=dtype), lora=None, objective=ObjectiveConfig(reference="copy"))
     reference = make_reference("copy", ours)
     if compile_mode:
         compile_blocks(ours, compile_mode)
@@ -114,17 +116,19 @@ def measure(cfg: WanConfig, grid, text_len: int, dtypes, rounds: int, device=Non
     description = SPEC.parameters(cfg)
     forward_backward = 3 * description.forward_flops(grid, text_len)["total"]
     regdpo = step_flops(description, grid, text_len, 1)["total"]
+    def twin():  # ours again, with the same weights
+        return WanModel.from_diffusers(theirs, attention_backend=cfg.attention_backend).to(device)
+
     work = {"diffusers": (_forward_backward(theirs, inputs, True), forward_backward),
-            "ours": (_forward_backward(ours, inputs, False), forward_backward),
-            "regdpo": (_regdpo_step(ours, inputs), regdpo)}
+            "ours": (_forward_backward(ours, inputs, False), forward_backward)}
     if compiled:  # the same weights, blocks compiled (the Reg-DPO step's reference copy is compiled too)
-        twin = WanModel.from_diffusers(theirs, attention_backend=cfg.attention_backend).to(device)
-        twin_step = WanModel.from_diffusers(theirs, attention_backend=cfg.attention_backend).to(device)
-        work["ours_compiled"] = (_forward_backward(compile_blocks(twin, mode), inputs, False), forward_backward)
-        work["regdpo_compiled"] = (_regdpo_step(twin_step, inputs, compile_mode=mode), regdpo)
+        work["ours_compiled"] = (_forward_backward(compile_blocks(twin(), mode), inputs, False), forward_backward)
     results = {}
     for name in dtypes:
         dtype = DTYPES[name]
+        work["regdpo"] = (_regdpo_step(twin(), inputs, name), regdpo)  # its engine is built for this dtype
+        if compiled:
+            work["regdpo_compiled"] = (_regdpo_step(twin(), inputs, name, compile_mode=mode), regdpo)
         times = {k: [] for k in work}
         peak, source = 0.0, ""
         before = compile_stats()

@@ -95,11 +95,16 @@ def plot_training(logs: dict, path) -> Path:
                         linestyle="--", marker="o", markersize=3)
         ax.set_title(TRAINING_METRICS[metric])
         ax.set_xlabel("step")
+    return _save_with_legend(fig, path, 6)
+
+
+def _save_with_legend(fig, path, most_columns: int) -> Path:
+    """One legend for every panel of `fig` (each label once) below them, then save it to `path`."""
     handles = {}
     for ax in fig.axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=min(len(handles), 6))
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=min(len(handles), most_columns))
     return _save(fig, path)
 
 
@@ -135,12 +140,7 @@ def plot_checkpoint_metrics(series: dict, titles: dict, path) -> Path:
                             color=colour, alpha=0.15, linewidth=0)
         ax.set_title(titles[metric])
         ax.set_xlabel("step")
-    handles = {}
-    for ax in fig.axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=min(len(handles), 4))
-    return _save(fig, path)
+    return _save_with_legend(fig, path, 4)
 
 
 def add_arguments(parser):
