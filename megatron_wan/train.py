@@ -39,10 +39,8 @@ from megatron_wan.data.loader import PairLoader, micro_batches, to_pair_batch
 from megatron_wan.data.samplers import BucketBatchSampler
 from megatron_wan.data.shards import CorruptSample
 from megatron_wan.engines import build_engine
-from megatron_wan.memory import check_start_up
 from megatron_wan.models import spec_for_preset
 from megatron_wan.models.wan21.lora import apply_lora
-from megatron_wan.models.wan21.precision import cast_parameters
 from megatron_wan.objectives.experts import build_expert_model, flow_for
 from megatron_wan.objectives.flow_matching import FlowMatching
 from megatron_wan.objectives.pair_step import PairBatch, PairObjective
@@ -109,15 +107,14 @@ class Trainer:
         if resume_from:
             self._check_resume(resume_from)
 
-        if self.device.type == "cuda":  # before loading: a start-up that cannot fit is refused by name
-            props = torch.cuda.get_device_properties(self.device)
-            check_start_up(cfg, props.total_memory, props.name)
         model = (build_expert_model(cfg) if cfg.model.expert else build_model(cfg)).to(self.device)
         if run.finetune == "lora":
             torch.manual_seed(run.seed)  # the same adapters on every rank and in every parallel layout
             apply_lora(model, cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
-            if self.autocast:  # frozen base weights in bf16 (but what diffusers keeps in fp32), adapters in fp32
-                cast_parameters(model, torch.bfloat16, [p for p in model.parameters() if not p.requires_grad])
+            if self.autocast:  # frozen base weights in bf16, trainable adapters in fp32
+                for p in model.parameters():
+                    if not p.requires_grad:
+                        p.data = p.data.to(torch.bfloat16)
         self.reference = make_reference(cfg.objective.reference, model) if cfg.objective.mode != "sft" else None
         frozen_copy = self.reference.model if cfg.objective.reference == "copy" and self.reference else None
         if cfg.model.compile:  # after LoRA (and the reference copy), before FSDP2 shards the blocks

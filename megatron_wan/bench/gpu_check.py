@@ -412,7 +412,7 @@ def step_train(engine):
 
 
 def step_sampler(ctx):
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     from megatron_wan import parallel
     from megatron_wan.bench.parity import rel_err
@@ -427,9 +427,8 @@ def step_sampler(ctx):
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     pipe.set_progress_bar_config(disable=True)
 
-    def pipeline_latents(dtype):  # loaded in `dtype` as diffusers does it (what it keeps in fp32 stays), not cast
-        pipe.transformer = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer",
-                                                                 torch_dtype=dtype).to("cuda")
+    def pipeline_latents(dtype):
+        pipe.transformer.to(dtype)
         last = {}
 
         def keep(pipe, i, t, tensors):

@@ -13,8 +13,7 @@ baselines, our engine fully sharded without CP (and "FSDP alone", without A.2's 
 per-GPU memory, the longest video that fits, the capacity ratio over FSDP, and the step time at the given MFU.
 Setups megatron_wan.train would reject are rejected (its config validation).
 
-Per-GPU memory = weights + gradients + optimizer + reference + encoders + activations + buffers, in training;
-a setup fits when that and the start-up peak before sharding (megatron_wan.memory, what the trainer refuses) do.
+Per-GPU memory = weights + gradients + optimizer + reference + encoders + activations + buffers.
 Activations are the bytes autograd saves for backward, written out tensor by tensor for this model
 (`activation_bytes`; checked against SavedTensorMeter on tiny configs). The rest follows the engines:
 megatron (FSDP2 over the DP x CP ranks, `run.dp_shard`: fp32 master weights (LoRA: the bf16 base and fp32
@@ -33,12 +32,15 @@ import math
 from dataclasses import dataclass
 
 from megatron_wan.config import Config, LoraConfig, ModelConfig, ObjectiveConfig, RunConfig, validate
-from megatron_wan.memory import BF16, FP32, GIB, RESERVE_GIB, local_parameters, start_up_bytes
 from megatron_wan.models import spec_for_preset
 from megatron_wan.models.parameters import Description
 from megatron_wan.models.wan21.config import WanConfig
 from megatron_wan.models.wan21.params import CLIP_TOKENS, describe
 from megatron_wan.throughput import DEVICE_PEAKS, step_flops
+
+GIB = 2**30
+FP32 = 4
+BF16 = 2
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def sharded_state_bytes(description: Description, finetune: str, lora_rank: int,
     per parameter tensor) when FSDP2 shards them over `shard` ranks; a LoRA base (the model's default targets) is
     frozen in `base_bytes`. `description`: the model's parameters (ModelSpec.parameters of its config)."""
     count = description.count(0 if finetune == "full" else lora_rank)
-    local = local_parameters(count, tp)
+    local = count["total"] - count["split"] * (1 - 1 / tp)
     if finetune == "full":
         trained, tensors = local, len(description.params)
         weights = local * FP32
@@ -153,7 +155,7 @@ class Setup:
     encoders: str = "pre"  # "pre": pre-encoded shards; "gpu": umT5, CLIP and VAE resident
     gpu: str = "h100"
     mfu: float = 0.4  # fraction of peak the executed FLOPs run at
-    reserve_gib: float = RESERVE_GIB  # CUDA context, NCCL and library workspaces, allocator slack
+    reserve_gib: float = 4.0  # CUDA context, NCCL and library workspaces, allocator slack
 
     def __post_init__(self):
         checks = [
@@ -211,8 +213,7 @@ class Setup:
 
 
 def memory(setup: Setup) -> dict:
-    """Per-GPU bytes by part in training, their "total", the "start_up" peak before sharding, and "fits" (both
-    within the GPU's memory).
+    """Per-GPU bytes by part, their "total", and "fits" (total within the GPU's memory).
 
     megatron and deepspeed as megatron_wan.train builds them: LoRA freezes a bf16 base and trains fp32
     adapters; full fine-tuning keeps fp32 master weights; both compute from bf16 copies (FSDP2's
@@ -223,7 +224,7 @@ def memory(setup: Setup) -> dict:
     full = setup.finetune == "full"
     count = description.count(0 if full else setup.lora_rank)
     tp = setup.tp
-    local = local_parameters(count, tp)  # this TP rank's share
+    local = count["total"] - count["split"] * (1 - 1 / tp)  # this TP rank's share
     block = count["block"] - count["block_split"] * (1 - 1 / tp)
     lora = count["lora"] / tp
     trained, base_bytes = (local, FP32) if full else (lora, BF16)
@@ -258,10 +259,7 @@ def memory(setup: Setup) -> dict:
     }
     out = {name: int(v) for name, v in out.items()}
     out["total"] = sum(out.values())
-    out["start_up"] = start_up_bytes(description, finetune=setup.finetune, lora_rank=setup.lora_rank,
-                                     reference=setup.reference, tp=tp, experts=2 if setup.expert == "both" else 1,
-                                     reserve_gib=setup.reserve_gib)["total"]
-    out["fits"] = max(out["total"], out["start_up"]) <= GPUS[setup.gpu].memory
+    out["fits"] = out["total"] <= GPUS[setup.gpu].memory
     return out
 
 

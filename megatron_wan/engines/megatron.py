@@ -25,8 +25,6 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from megatron_wan.engines import make_optimizer
-from megatron_wan.models.wan21.precision import fp32_parameters
-from megatron_wan.parallel import tp_split_dims
 from megatron_wan.parallel.parallelize import data_parallel_mesh, parallelize
 
 ENGINE_DIR = "engine"  # the DCP checkpoint inside a step folder
@@ -59,13 +57,13 @@ def _full_norm(grads) -> torch.Tensor:
 class MegatronEngine:
     def __init__(self, cfg, model: torch.nn.Module, reference: torch.nn.Module | None = None):
         run = cfg.run
-        split = tp_split_dims(model)  # by name: FSDP2 replaces the parameters
+        # TP-split parameters (megatron's attribute does not survive FSDP's DTensor parameters): by name
+        split = {n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
         self.mesh = data_parallel_mesh(run.dp_shard)
-        self.model = self.module = parallelize(model, self.mesh, dtype=run.dtype, keep_fp32=fp32_parameters(model),
+        self.model = self.module = parallelize(model, self.mesh, dtype=run.dtype,
                                                reshard_after_forward=run.reshard_after_forward)
         if reference is not None:  # a frozen copy: sharded the same way, never reduced
-            parallelize(reference, self.mesh, dtype=run.dtype, keep_fp32=fp32_parameters(reference),
-                        reshard_after_forward=run.reshard_after_forward)
+            parallelize(reference, self.mesh, dtype=run.dtype, reshard_after_forward=run.reshard_after_forward)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("no trainable parameters (finetune: lora with no matching targets?)")

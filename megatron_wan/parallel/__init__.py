@@ -7,13 +7,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from torch import nn
 
 __all__ = [
     "all_reduce_sum", "cp_group", "cp_rank", "cp_size", "default_device", "free_port", "initialize", "is_initialized",
-    "pair_group", "parallel_mode",
-    "tp_group", "tp_rank", "tp_size", "tp_split_dims",
+    "pair_group",
+    "tp_group", "tp_rank", "tp_size",
 ]
 
 
@@ -105,36 +103,6 @@ def cp_rank() -> int:
 
 def cp_size() -> int:
     return ps.get_context_parallel_world_size() if is_initialized() else 1
-
-
-def parallel_mode(module: nn.Module) -> str | None:
-    """'column' or 'row' for megatron-core's and Transformer Engine's parallel linears, else None."""
-    if isinstance(module, ColumnParallelLinear):
-        return "column"
-    if isinstance(module, RowParallelLinear):
-        return "row"
-    return getattr(module, "parallel_mode", None) if hasattr(module, "te_return_bias") else None
-
-
-# what each parallel linear's TP splits: column (output split) its weight and bias along the output, row (input
-# split) its weight along the input; a row bias is added after the reduction and stays whole
-_LINEAR_SPLITS = {"column": {"weight": 0, "bias": 0}, "row": {"weight": 1}}
-
-
-def tp_split_dims(model: nn.Module) -> dict[str, int]:
-    """{parameter name: the dimension tensor parallelism splits it along} for every parameter of `model` that
-    TP splits (each rank holding a different slice); the others are replicated on every TP rank.
-
-    Decided by the owning module, not by megatron-core's `tensor_model_parallel` attribute, which its linears set
-    only when they draw the weights (`perform_initialization`) and Transformer Engine's only when not built on
-    the meta device: the parallel linears (`parallel_mode`), and any module declaring `tp_split` ({name relative
-    to it: dim}, e.g. the q/k norms, the LoRA adapters)."""
-    dims = {}
-    for prefix, module in model.named_modules():
-        declared = _LINEAR_SPLITS.get(parallel_mode(module), getattr(module, "tp_split", {}))
-        params = dict(module.named_parameters()) if declared else {}
-        dims.update({f"{prefix}.{name}" if prefix else name: dim for name, dim in declared.items() if name in params})
-    return dims
 
 
 class _AllReduceSum(torch.autograd.Function):

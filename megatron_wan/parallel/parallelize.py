@@ -58,45 +58,16 @@ def mixed_precision(dtype: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(reduce_dtype=torch.float32)
 
 
-def precision_units(module: nn.Module, keep: set, assigned: frozenset = frozenset()) -> list[tuple[nn.Module, bool]]:
-    """(submodule, float32) pairs to fully_shard bottom-up so that every FSDP unit under `module` holds either only
-    parameters of `keep` (float32: computed in float32) or none of them: FSDP2 casts a unit's parameters to one
-    param_dtype. Parameters in `assigned` belong to units already made. Without `keep`: `module` as one unit."""
-    params = set(module.parameters()) - assigned
-    if not params:
-        return []
-    if params <= keep or not params & keep:
-        return [(module, params <= keep)]
-    units = []
-    for child in module.children():
-        if not set(child.parameters()) - assigned <= keep:  # holds others: units of its own
-            units += precision_units(child, keep, assigned)
-    done = {p for m, _ in units for p in m.parameters()}
-    if params - done <= keep:  # left here: its own kept parameters and its children wholly kept
-        return [*units, (module, True)]
-    if set(module.parameters(recurse=False)) & keep:
-        raise ValueError(f"{type(module).__name__} holds float32 and lower-precision parameters itself")
-    kept = [c for c in module.children() if (inner := set(c.parameters()) - assigned) and inner <= keep]
-    return [*units, *((c, True) for c in kept), (module, False)]
-
-
-def parallelize(model: nn.Module, mesh: DeviceMesh, *, dtype: str = "fp32", reshard_after_forward: bool = True,
-                keep_fp32: set = frozenset()) -> nn.Module:
+def parallelize(model: nn.Module, mesh: DeviceMesh, *, dtype: str = "fp32", reshard_after_forward: bool = True
+                ) -> nn.Module:
     """FSDP2 on every block of `model` (a WanModel) and on its root, over `mesh` (see data_parallel_mesh).
-    Frozen parameters (a LoRA base, a reference copy) are sharded like trainable ones. Under bf16 the parameters of
-    `keep_fp32` (models.wan21.precision.fp32_parameters) are computed in float32: they form units of their own
-    (precision_units). Returns `model`, now an FSDPModule."""
-    policies = {False: mixed_precision(dtype), True: mixed_precision("fp32")}
-    keep = set(keep_fp32) if dtype == "bf16" else set()
+    Frozen parameters (a LoRA base, a reference copy) are sharded like trainable ones. Returns `model`, now an
+    FSDPModule."""
+    policy = dict(mesh=mesh, mp_policy=mixed_precision(dtype))
     for block in model.blocks:
-        for module, fp32 in precision_units(block, keep):
-            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policies[fp32])
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **policy)
     # the root's own parameters (embeddings, head) are needed first in backward: kept gathered, as torchtitan does
-    units = precision_units(model, keep, frozenset(p for block in model.blocks for p in block.parameters()))
-    if not units or units[-1][0] is not model:
-        units.append((model, False))
-    for module, fp32 in units:
-        fully_shard(module, mesh=mesh, reshard_after_forward=False, mp_policy=policies[fp32])
+    fully_shard(model, reshard_after_forward=False, **policy)
     return model
 
 

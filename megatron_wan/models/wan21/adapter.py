@@ -310,8 +310,8 @@ def load_from(model_cls, src, cfg: WanConfig, layout: str, overrides: dict):
     cfg = cfg.replace(perform_initialization=False, **overrides)
     model = model_cls(cfg)
     state = to_ours(src, cfg, layout, parallel.tp_rank(), parallel.tp_size())
-    dtypes = {k: t.dtype for k, t in [*model.named_parameters(), *model.named_buffers()]}  # or float32 where kept
-    result = model.load_state_dict({k: v.to(dtypes.get(k, v.dtype)) for k, v in state.items()}, strict=False)
+    dtype = cfg.params_dtype
+    result = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing:
         raise KeyError(f"{src.where}: parameters of WanModel not covered by the conversion table: {missing}")

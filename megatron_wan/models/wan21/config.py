@@ -12,25 +12,15 @@ from megatron_wan.parallel.context_parallel import CP_COMMS
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "te")
 
 
-def init_flags(provider: str, perform_initialization: bool, cuda: bool, default_device: str = "cpu") -> dict:
-    """megatron-core's init flags of the parallel linears of layer provider `provider` ("local" or "te") built
-    with `default_device` the default device: use_cpu_initialization, init_model_with_meta_device and
-    perform_initialization, as TransformerConfig fields.
+def initialize_on_cpu(perform_initialization: bool, cuda: bool, default_device: str = "cpu") -> bool:
+    """Whether megatron-core builds the parallel linears on the CPU (`use_cpu_initialization`).
 
-    A random init takes megatron-core's CPU path on any device: it draws each full weight from torch's default
-    generator and keeps this TP rank's slice, so `model.init_seed` decides the weights and TP=1 and TP=2 get the same
-    ones. Its GPU path draws the local slice from the CUDA RNG tracker (seeded seed + 2718 + tp_rank), which ignores
-    both. Loaded weights (nothing drawn) are allocated on the GPU directly. Without CUDA only the CPU path exists.
-
-    On the meta device (a shell filled with existing tensors afterwards: the reference copies) nothing is drawn.
-    megatron-core's own linears follow the default device only on their CPU path (`torch.empty` without a device).
-    Its Transformer Engine linears pass TE an explicit device: "cpu" under use_cpu_initialization, a real weight
-    into which megatron-core then copies its (meta) CPU master weight, which fails; "meta" under
-    init_model_with_meta_device, where TE defers its init."""
-    meta = default_device == "meta"
-    te_meta = provider == "te" and meta
-    return dict(use_cpu_initialization=not te_meta and (perform_initialization or not cuda or meta),
-                init_model_with_meta_device=te_meta, perform_initialization=perform_initialization and not meta)
+    A random init always does: megatron-core's CPU path draws each full weight from torch's default generator and
+    keeps this TP rank's slice, so `model.init_seed` decides the weights and TP=1 and TP=2 get the same ones, on any
+    device. Its GPU path draws the local slice from the CUDA RNG tracker (seeded seed + 2718 + tp_rank), which
+    ignores both. Loaded weights (nothing drawn) are allocated on the GPU directly, unless the model is being
+    built on the meta device (a shell to be filled with existing tensors), which only the CPU path honours."""
+    return perform_initialization or not cuda or default_device == "meta"
 
 
 @dataclass
@@ -113,10 +103,8 @@ class WanConfig:
         return dataclasses.replace(self, **overrides)
 
     def transformer_config(self, tensor_parallel: int, context_parallel: int):
-        """The megatron-core TransformerConfig the parallel layers are built with (on the current default device)."""
+        """The megatron-core TransformerConfig the parallel layers are built with."""
         from megatron.core.transformer import TransformerConfig
-
-        from megatron_wan.models.wan21.specs import resolve_provider
 
         return TransformerConfig(
             num_layers=self.num_layers,
@@ -132,8 +120,9 @@ class WanConfig:
             gated_linear_unit=False,
             bias_activation_fusion=False,
             gradient_accumulation_fusion=False,
-            **init_flags(resolve_provider(self.layer_provider), self.perform_initialization,
-                         torch.cuda.is_available(), torch.get_default_device().type),
+            use_cpu_initialization=initialize_on_cpu(self.perform_initialization, torch.cuda.is_available(),
+                                                     torch.get_default_device().type),
+            perform_initialization=self.perform_initialization,
             init_method_std=self.init_std,
             params_dtype=self.params_dtype,
             bf16=self.params_dtype == torch.bfloat16,

@@ -43,9 +43,8 @@ class TimeEmbedding(nn.Module):
         self.time_projection = nn.Linear(dim, 6 * dim)
 
     def forward(self, timestep: torch.Tensor):
-        # the embedder in its own dtype (kept float32 under a lower one), its output in the projection's (diffusers)
-        temb = self.time_embedding(timestep_sinusoid(timestep.flatten(), self.freq_dim).to(
-            self.time_embedding.linear_1.weight.dtype)).to(self.time_projection.weight.dtype)
+        dtype = self.time_projection.weight.dtype
+        temb = self.time_embedding(timestep_sinusoid(timestep.flatten(), self.freq_dim).to(dtype))
         t_mod = self.time_projection(F.silu(temb)).unflatten(1, (6, -1))
         return temb.unflatten(0, timestep.shape).float(), t_mod.unflatten(0, timestep.shape).float()
 

@@ -15,6 +15,7 @@ import contextlib
 import math
 
 import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
@@ -27,13 +28,22 @@ from megatron_wan.models.parameters import lora_target
 DEFAULT_TARGETS = ("linear_q", "linear_k", "linear_v", "linear_proj", "linear_fc1", "linear_fc2")
 
 
+def _parallel_mode(module: nn.Module) -> str | None:
+    """'column' or 'row' for megatron-core's and Transformer Engine's parallel linears, else None."""
+    if isinstance(module, ColumnParallelLinear):
+        return "column"
+    if isinstance(module, RowParallelLinear):
+        return "row"
+    return getattr(module, "parallel_mode", None) if hasattr(module, "te_return_bias") else None
+
+
 class LoRAParallelLinear(nn.Module):
     """base(x) + (alpha / rank) * B(A(x)) around a Column- or RowParallelLinear; returns (output, bias)."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float):
         super().__init__()
         self.base_layer = base
-        self.column = parallel.parallel_mode(base) == "column"
+        self.column = _parallel_mode(base) == "column"
         tp = parallel.tp_size()
         weight = base.weight
         out_local, in_local = weight.shape  # column: [out/tp, in]; row: [out, in/tp]
@@ -41,9 +51,8 @@ class LoRAParallelLinear(nn.Module):
         self.lora_B = nn.Linear(rank, out_local, bias=False, device=weight.device, dtype=weight.dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's default init: B = 0
         nn.init.zeros_(self.lora_B.weight)
-        # B's output is the base's split output (column), A's input the base's split input (row); see
-        # parallel.tp_split_dims
-        self.tp_split = {"lora_B.weight": 0} if self.column else {"lora_A.weight": 1}
+        split = self.lora_B.weight if self.column else self.lora_A.weight
+        split.tensor_model_parallel, split.partition_dim = tp > 1, 0 if self.column else 1
         self.scaling = alpha / rank
         self.disabled = False
         self.tp, self.tp_group = tp, parallel.tp_group()
@@ -66,7 +75,7 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 32.0, targets=DE
         p.requires_grad_(False)
     wrapped = 0
     for name, module in list(model.named_modules()):
-        if lora_target(name, targets) and parallel.parallel_mode(module) in ("column", "row"):
+        if lora_target(name, targets) and _parallel_mode(module) in ("column", "row"):
             parent, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent) if parent else model
             setattr(parent, leaf, LoRAParallelLinear(module, rank, alpha))
@@ -99,8 +108,8 @@ def _lora_tensors(model: nn.Module):
     """(name, parameter, TP split dim or None) of every adapter weight."""
     for name, layer in model.named_modules():
         if isinstance(layer, LoRAParallelLinear):
-            for leaf in ("lora_A.weight", "lora_B.weight"):
-                yield f"{name}.{leaf}", layer.get_parameter(leaf), layer.tp_split.get(leaf)
+            yield f"{name}.lora_A.weight", layer.lora_A.weight, None if layer.column else 1
+            yield f"{name}.lora_B.weight", layer.lora_B.weight, 0 if layer.column else None
 
 
 def lora_state_dict(model: nn.Module) -> dict:

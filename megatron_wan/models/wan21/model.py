@@ -17,7 +17,6 @@ from torch.utils.checkpoint import checkpoint
 from megatron_wan import parallel
 from megatron_wan.models.wan21.config import WanConfig
 from megatron_wan.models.wan21.embeddings import Head, ImageEmbedding, TimeEmbedding, TwoLayerMLP
-from megatron_wan.models.wan21.precision import cast_parameters
 from megatron_wan.models.wan21.rope import rope_cos_sin
 from megatron_wan.models.wan21.specs import block_spec
 from megatron_wan.parallel.context_parallel import FrameShard, gather_tokens, replicated, scatter_frames
@@ -42,8 +41,8 @@ class WanModel(MegatronModule):
         spec = block_spec(config.layer_provider)
         self.blocks = nn.ModuleList(build_module(spec, config=tconfig, wan=config) for _ in range(config.num_layers))
         self.head = Head(dim, config.out_dim * math.prod(config.patch_size), config.eps)
-        if tconfig.params_dtype != torch.float32:  # but what diffusers keeps in float32
-            cast_parameters(self, tconfig.params_dtype)
+        if tconfig.params_dtype != torch.float32:
+            self.to(tconfig.params_dtype)
 
     # -- pieces of the forward -------------------------------------------------------------------
 

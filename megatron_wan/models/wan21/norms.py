@@ -32,7 +32,8 @@ class HeadRMSNorm(nn.Module):
             raise ValueError(f"q/k width {hidden_size} is not divisible by tensor_parallel={tp}")
         self.hidden_size, self.eps = hidden_size, eps
         self.weight = nn.Parameter(torch.ones(hidden_size // tp))
-        self.tp_split = {"weight": 0}  # see parallel.tp_split_dims
+        self.weight.tensor_model_parallel = tp > 1
+        self.weight.partition_dim = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
