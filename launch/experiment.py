@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from launch.world import SHIFT, attributes, build_data, data_tools, needed, records, reference_rows
+from launch.world import SHIFT, attributes, build_data, data_tools, needed, records, reference_rows, split_records
 from megatron_wan.eval.world_vocab import FPS, FRAMES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def build_pairs(out: Path, base: Path, size: Size, world_seed: int, times: dict)
     world, data = out / "world", out / "data"
     build_data(world, size.videos, world_seed, 1, times)
     truth = attributes(world / "clips")
-    gts = [r for r in records(world / "normalize") if truth[r["id"]]["split"] == "train"][:size.pairs]
+    gts = [r for r, _ in split_records(world, "train", size.pairs)]
     if len(gts) < size.pairs:
         raise ValueError(f"{world / 'normalize'}: {len(gts)} normalized `train` clips, --pairs asks for {size.pairs}")
     from data_tools.stage import read_jsonl, write_jsonl

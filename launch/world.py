@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from launch.demo import data_tools
+
 REPO = Path(__file__).resolve().parents[1]
 SHIFT = 3.0  # the scheduler's flow shift, the recipe's objective.shift and the samples'
 
@@ -34,12 +36,6 @@ RELAXED = {  # the data stages' flags for world clips, and why
 
 def _log(message: str) -> None:
     print(f"[world] {message}", flush=True)
-
-
-def data_tools(*argv) -> dict:
-    from data_tools.__main__ import main
-
-    return main([str(a) for a in argv])
 
 
 def needed(name: str, times: dict, done: Path) -> bool:
@@ -64,15 +60,19 @@ def attributes(clips: Path) -> dict:
     return {Path(r["video"]).stem: r for r in read_jsonl(clips / "attributes.jsonl")}
 
 
+def split_records(out: Path, split: str, limit: int | None = None) -> list[tuple[dict, dict]]:
+    """(normalize record, world attributes) of the first `limit` normalized clips of `split`, in manifest order."""
+    truth = attributes(out / "clips")
+    return [(r, truth[r["id"]]) for r in records(out / "normalize") if truth[r["id"]]["split"] == split][:limit]
+
+
 def split_frames(out: Path, split: str, limit: int | None = None):
     """uint8 frames [N, T, H, W, 3] of the normalized clips of `split`."""
     import numpy as np
 
     from data_tools.media import read_frames
 
-    truth = attributes(out / "clips")
-    rows = [r for r in records(out / "normalize") if truth[r["id"]]["split"] == split][:limit]
-    return np.stack([read_frames(r["path"]) for r in rows])
+    return np.stack([read_frames(r["path"]) for r, _ in split_records(out, split, limit)])
 
 
 def build_data(out: Path, videos: int, seed: int, workers: int, times: dict) -> None:
@@ -199,10 +199,9 @@ def sample_groups(out: Path, models: dict, prompts: int, seeds: list[int], sampl
     from megatron_wan.eval.world_samples import WorldSampling, sample_world
 
     parallel.initialize(1, 1)
-    truth = attributes(out / "clips")
     found = {}
     for split in ("train", "test"):
-        rows = [truth[r["id"]] for r in records(out / "normalize") if truth[r["id"]]["split"] == split][:prompts]
+        rows = [truth for _, truth in split_records(out, split, prompts)]
         for name, (folder, transformer) in models.items():
             found[split, name] = sample_world(folder, rows, seeds, out / "eval" / split / name, transformer,
                                               sampling or WorldSampling())
@@ -211,9 +210,7 @@ def sample_groups(out: Path, models: dict, prompts: int, seeds: list[int], sampl
 
 def real_rows(out: Path, split: str, prompts: int) -> list[dict]:
     """The first `prompts` normalized clips of `split` as video rows (absolute paths) with their truth."""
-    truth = attributes(out / "clips")
-    return [{**truth[r["id"]], "video": r["path"]} for r in records(out / "normalize")
-            if truth[r["id"]]["split"] == split][:prompts]
+    return [{**truth, "video": r["path"]} for r, truth in split_records(out, split, prompts)]
 
 
 def reference_rows(out: Path, excluded: set) -> list[dict]:
