@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from launch.demo import data_tools
+from megatron_wan.files import atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 SHIFT = 3.0  # the scheduler's flow shift, the recipe's objective.shift and the samples'
@@ -100,11 +101,9 @@ def build_vae(out: Path, steps: int, seed: int, times: dict) -> Path:
     vae, summary = train_vae(train, held, steps, seed=seed)
     x = to_model(held)
     summary["test_psnr_64"] = round(psnr(round_trip(vae, x), x), 2)
-    tmp = out / ".vae.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps(summary, indent=1))
-    tmp.rename(folder)
+    with atomic_path(folder, folder=True) as tmp:
+        vae.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(summary, indent=1))
     times["vae"] = summary["seconds"]
     _log(f"vae: {summary['steps']} steps in {summary['seconds']} s, PSNR on 64 test clips {summary['test_psnr_64']} dB")
     return folder
@@ -132,10 +131,8 @@ def build_init(out: Path, seed: int, times: dict) -> Path:
                        text_encoder=tiny_text_encoder(tokenizer, cfg.text_dim).eval(), tokenizer=tokenizer,
                        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                          num_train_timesteps=1000, flow_shift=SHIFT))
-    tmp = out / ".init.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    tmp.rename(folder)
+    with atomic_path(folder, folder=True) as tmp:
+        pipe.save_pretrained(tmp)
     return folder
 
 
@@ -184,11 +181,9 @@ def build_base(out: Path, init: Path, transformer: Path, times: dict) -> Path:
     """OUT/base: the initial folder with the trained transformer."""
     folder = out / "base"
     if needed("base", times, folder / "model_index.json"):
-        tmp = out / ".base.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(init, tmp, ignore=shutil.ignore_patterns("transformer"))
-        shutil.copytree(transformer, tmp / "transformer")
-        tmp.rename(folder)
+        with atomic_path(folder) as tmp:
+            shutil.copytree(init, tmp, ignore=shutil.ignore_patterns("transformer"))
+            shutil.copytree(transformer, tmp / "transformer")
     return folder
 
 
